@@ -1,0 +1,36 @@
+# The C++ sources of the kernel library and their per-file ISA flags, shared by the Python
+# extension and the standalone C++ test (tests/cpp/kernel_test.cc).
+set(EDGEVLM_SOURCES
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cpu_features.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/threadpool.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/membench.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/dispatch.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/linear.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/ref/linear_ref.cc)
+set(EDGEVLM_DEFINES "")
+
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+  option(EDGEVLM_AVX2 "Compile the AVX2+FMA kernels" ON)
+  file(GLOB _avx2 ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/avx2/*.cc)
+  if(EDGEVLM_AVX2 AND _avx2)
+    set_source_files_properties(${_avx2} PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
+    list(APPEND EDGEVLM_SOURCES ${_avx2})
+    list(APPEND EDGEVLM_DEFINES EDGEVLM_HAVE_AVX2=1)
+  endif()
+elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "aarch64|arm64|ARM64")
+  file(GLOB _neon ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/neon/*.cc)
+  file(GLOB _neondot ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/neondot/*.cc)
+  if(_neon AND _neondot)
+  set_source_files_properties(${_neondot} PROPERTIES COMPILE_OPTIONS "-march=armv8.2-a+dotprod")
+  list(APPEND EDGEVLM_SOURCES ${_neon} ${_neondot})
+  list(APPEND EDGEVLM_DEFINES EDGEVLM_HAVE_NEON=1)
+  endif()
+endif()
+
+function(edgevlm_configure_target tgt)
+  target_compile_definitions(${tgt} PRIVATE ${EDGEVLM_DEFINES})
+  target_compile_options(${tgt} PRIVATE -Wall -Wextra -O3)
+  if(EDGEVLM_NATIVE)
+    target_compile_options(${tgt} PRIVATE -march=native)
+  endif()
+endfunction()

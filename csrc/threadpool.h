@@ -1,0 +1,21 @@
+// threadpool.h — a small persistent pool for splitting one kernel call over cores.
+//
+// Why not std::thread per call: creating threads costs ~20-50 us, more than a whole
+// 4096x4096 4-bit GEMV. Workers spin briefly after a job (the next layer's call usually
+// comes within microseconds during decoding) and then sleep on a condition variable.
+#pragma once
+
+#include <functional>
+
+namespace ev {
+
+// Threads used by kernels (caller included). Default: all online CPUs. n >= 1.
+void set_num_threads(int n);
+int get_num_threads();
+
+// Runs fn(t) for t in [0, n) — t == 0 on the calling thread — and returns when all are
+// done. n is clamped to get_num_threads(). Calls from several threads are serialised.
+// fn must not throw.
+void parallel_for(int n, const std::function<void(int)>& fn);
+
+}  // namespace ev
