@@ -1,0 +1,36 @@
+"""Shared fixtures: deterministic RNG, the ISAs this build and CPU can run."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def supported_isas() -> list[str]:
+    from edgevlm import _core
+
+    return list(_core.supported_isas())
+
+
+def weights(rng: np.random.Generator, n: int, k: int, group: int) -> np.ndarray:
+    """Random float32 W[N, K] with the awkward groups kernels must survive: an all-zero
+    group, a constant group, a group of one large outlier, and all-positive rows."""
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[0, :group] = 0.0
+    if n > 1:
+        w[1, :group] = 0.75
+    if n > 2:
+        w[2, :group] = 0.0
+        w[2, group // 2] = 40.0
+    if n > 3:
+        w[3] = np.abs(w[3]) + 2.0
+    return w

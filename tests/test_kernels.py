@@ -1,0 +1,174 @@
+"""Kernels: every qtype x group x compiled ISA against the C++ reference and a float64
+numpy reference, at odd sizes, with tolerances derived from the math.
+
+Bounds used (per output y[m, n]):
+- reference (exact fp32 activations, double accumulation): one fp32 rounding of the
+  result, |y_ref - y64| <= eps32 * |y64| + eps32 * 1e-3 * sum_k |x||w|.
+- SIMD kernels quantize activations to int8 per (row, group) with d = max|x_g| / 127 and
+  round-to-nearest, so |x - d*q| <= d/2 per element and
+      |y_isa - y_ref| <= sum_g (d[m,g]/2) * sum_{k in g} |w[n,k]|          (activation rounding)
+                        + (K/g + 8) * eps32 * sum_k |x||w|                (fp32 accumulation of
+                                                                           K/g group terms)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import supported_isas, weights
+from edgevlm import _core, qtypes
+from edgevlm.runtime import QuantLinear
+
+EPS32 = float(np.finfo(np.float32).eps)
+QTYPES = ["q2", "q3", "q4", "q8"]
+MS = [1, 3, 16, 197]
+NS = [1, 7, 64, 100]
+KS = [32, 96, 160, 384, 1024]
+
+
+def _act_bound(x: np.ndarray, deq: np.ndarray, group: int) -> np.ndarray:
+    """sum_g (d[m,g]/2) * sum_{k in g} |w[n,k]|  -> [M, N] float64."""
+    m, k = x.shape
+    d = np.abs(x.reshape(m, k // group, group)).max(-1).astype(np.float64) / 127.0
+    wsum = np.abs(deq.reshape(deq.shape[0], k // group, group)).sum(-1).astype(np.float64)
+    return (d / 2) @ wsum.T
+
+
+def _shapes(group: int):
+    for k in KS:
+        if k % group:
+            continue
+        for m in MS:
+            for n in NS:
+                if m * n * k > 4_000_000:  # keep the scalar reference quick
+                    continue
+                yield m, n, k
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+@pytest.mark.parametrize("name", QTYPES)
+@pytest.mark.parametrize("group", qtypes.GROUP_SIZES)
+def test_linear_matches_references(rng, isa, name, group):
+    t = qtypes.get(name)
+    checked = 0
+    for m, n, k in _shapes(group):
+        w = weights(rng, n, k, group)
+        blob = t.pack(w, group)
+        deq = t.dequantize(blob, n, k, group).astype(np.float64)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[0, :group] = 0.0  # an all-zero activation group (d = 0)
+        bias = rng.standard_normal(n).astype(np.float32) if (m + n) % 2 else None
+        y64 = x.astype(np.float64) @ deq.T + (0 if bias is None else bias)
+        mag = np.abs(x).astype(np.float64) @ np.abs(deq).T
+
+        y_ref = _core.linear(x, blob, name, group, n, bias=bias, isa="ref")
+        assert np.all(np.abs(y_ref - y64) <= EPS32 * np.abs(y64) + EPS32 * 1e-3 * mag + 1e-30), (m, n, k)
+
+        y = _core.linear(x, blob, name, group, n, bias=bias, isa=isa, threads=2)
+        tol = (k // group + 8) * EPS32 * mag + 1e-30
+        if isa != "ref":
+            tol = tol + _act_bound(x, deq, group)
+        err = np.abs(y.astype(np.float64) - y_ref)
+        assert np.all(err <= tol), f"{isa} {name} g{group} M={m} N={n} K={k}: max excess {(err - tol).max()}"
+        # the split of N over threads must not change a single bit
+        y1 = _core.linear(x, blob, name, group, n, bias=bias, isa=isa, threads=1)
+        np.testing.assert_array_equal(y, y1)
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_large_shape_and_1d_input(rng, isa):
+    n, k, g = 300, 4096, 128
+    w = weights(rng, n, k, g)
+    for name in QTYPES:
+        t = qtypes.get(name)
+        blob = t.pack(w, g)
+        x = rng.standard_normal(k).astype(np.float32)
+        deq = t.dequantize(blob, n, k, g).astype(np.float64)
+        y = _core.linear(x, blob, name, g, n, isa=isa)
+        assert y.shape == (n,)
+        y64 = deq @ x.astype(np.float64)
+        mag = np.abs(deq) @ np.abs(x).astype(np.float64)
+        tol = (k // g + 8) * EPS32 * mag + (_act_bound(x[None], deq, g)[0] if isa != "ref" else 0)
+        assert np.all(np.abs(y - y64) <= tol + EPS32 * np.abs(y64))
+
+
+@pytest.mark.parametrize("isa", [i for i in supported_isas() if i != "ref"])
+def test_activation_quantizer_matches_reference(rng, isa):
+    for group in qtypes.GROUP_SIZES:
+        x = rng.standard_normal((5, 384)).astype(np.float32) * np.float32(3.0)
+        x[1, :group] = 0.0
+        x[2, :] = np.round(x[2, :])  # exact values, many ties after scaling
+        q_ref, d_ref, s_ref = _core.quantize_acts(x, group, isa="ref")
+        q, d, s = _core.quantize_acts(x, group, isa=isa)
+        np.testing.assert_array_equal(d, d_ref)
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_allclose(s, s_ref, rtol=0, atol=0)
+        assert np.all(np.abs(x - q * np.repeat(d, group, axis=1)) <= np.repeat(d, group, axis=1) / 2 * (1 + 1e-6))
+
+
+def test_out_argument_and_quantlinear(rng):
+    n, k, g = 48, 256, 64
+    w = weights(rng, n, k, g)
+    t = qtypes.get("q4")
+    blob = t.pack(w, g)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    out = np.empty((4, n), np.float32)
+    res = _core.linear(x, blob, "q4", g, n, out=out)
+    assert res is out or np.shares_memory(res, out)
+    bias = rng.standard_normal(n).astype(np.float32)
+    layer = QuantLinear(blob, "q4", n, k, g, bias=bias)
+    y = layer(x.reshape(2, 2, k))
+    assert y.shape == (2, 2, n)
+    np.testing.assert_allclose(y.reshape(4, n), out + bias, rtol=0, atol=1e-5 * (np.abs(out).max() + 1))
+
+
+def test_bad_input_raises_value_error(rng):
+    n, k, g = 16, 128, 64
+    blob = qtypes.get("q4").pack(rng.standard_normal((n, k)).astype(np.float32), g)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    cases = [
+        (dict(x=x.astype(np.float64)), r"\[linear\] expected x.dtype float32, got float64"),
+        (dict(x=np.asfortranarray(rng.standard_normal((3, k)).astype(np.float32))), "C-contiguous"),
+        (dict(x=x[:, :96].copy()), r"expected K to be a positive multiple of the group size 64, got K=96"),
+        (dict(x=x[:, :64].copy()), r"expected w of \d+ bytes .* got \d+"),
+        (dict(n=n + 1), r"expected w of \d+ bytes"),
+        (dict(qtype="q5"), "expected qtype one of q2|q3|q4|q8, got 'q5'"),
+        (dict(group=48), "expected group size 32, 64 or 128, got 48"),
+        (dict(bias=np.zeros(n + 1, np.float32)), r"expected bias of shape \[16\]"),
+        (dict(bias=np.zeros(n, np.float64)), "expected bias.dtype float32"),
+        (dict(out=np.zeros((2, n + 1), np.float32)), "expected out of shape"),
+        (dict(isa="sse9"), "expected isa one of"),
+        (dict(w=blob.astype(np.int8)), "expected w.dtype uint8"),
+        (dict(x=np.zeros((2, 2, k), np.float32)), "expected x of shape"),
+    ]
+    for over, msg in cases:
+        args = dict(x=x, w=blob, qtype="q4", group=g, n=n)
+        args.update(over)
+        with pytest.raises(ValueError, match=msg):
+            _core.linear(args["x"], args["w"], args["qtype"], args["group"], args["n"],
+                         bias=args.get("bias"), out=args.get("out"), isa=args.get("isa"))
+    missing = {"x86_64": "neon", "aarch64": "avx2"}.get(__import__("platform").machine())
+    if missing:
+        with pytest.raises(ValueError, match="not compiled into this build|not supported by this CPU"):
+            _core.linear(x, blob, "q4", g, n, isa=missing)
+    with pytest.raises(ValueError, match=r"\[QuantLinear\] expected input \[..., 128\]"):
+        QuantLinear(blob, "q4", n, k, g)(np.zeros((1, 64), np.float32))
+    with pytest.raises(ValueError, match="set_num_threads"):
+        _core.set_num_threads(0)
+
+
+def test_isa_env_override_in_subprocess():
+    import subprocess
+    import sys
+
+    code = "import edgevlm._core as c; print(c.default_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "EDGEVLM_ISA": "ref"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ref"
+    bad = subprocess.run([sys.executable, "-c", "import numpy as np, edgevlm._core as c;"
+                          "c.linear(np.zeros((1,32),np.float32), np.zeros(c.packed_size('q4',1,32,32),np.uint8),'q4',32,1)"],
+                         env={**__import__("os").environ, "EDGEVLM_ISA": "bogus"}, capture_output=True, text=True)
+    assert bad.returncode != 0 and "EDGEVLM_ISA" in bad.stderr and "bogus" in bad.stderr
