@@ -1,47 +1,43 @@
-"""The ``.evlm`` container: the only code in edgevlm that knows byte offsets.
+r"""The ``.evlm`` container: the only code in edgevlm that knows byte offsets.
 
-An ``.evlm`` file is a fixed binary prefix, a JSON header, and 64-byte
-aligned tensor blobs, read through one read-only mmap (zero-copy)::
+A fixed binary prefix, a JSON header, then 64-byte aligned tensor blobs, read
+through one read-only mmap (tensors are zero-copy views).  Little-endian::
 
-    offset 0            +------------------------------------------------+
-                        | magic b"EVLM\\0\\r\\n\\x1a"                 8 B    |
-    offset 8            | u32 format_version (FORMAT_VERSION = 1)  4 B  |
-    offset 12           | u32 flags (0; reserved)                  4 B  |
-    offset 16           | u64 header_len (bytes of UTF-8 JSON)     8 B  |
-    offset 24           | u64 data_offset (multiple of ALIGN)      8 B  |
-    offset 32           | u64 file_size (total expected size)      8 B  |
-    offset 40           | u32 header_crc32 (zlib.crc32 of JSON)    4 B  |
-    offset 44           | reserved, all zero                      20 B  |
-    offset 64           +------------------------------------------------+
-                        | JSON header (header_len bytes)                 |
-                        | zero padding up to data_offset                 |
-    data_offset         +------------------------------------------------+
-    data_offset + off0  | tensor 0 blob (nbytes0)   | zero pad to ALIGN  |
-    data_offset + off1  | tensor 1 blob (nbytes1)   | ...                |
-    file_size           +------------------------------------------------+
+                       +-------------------------------------------+
+    offset 0           | magic b"EVLM\0\r\n\x1a"                8 B |
+    offset 8           | u32 format_version (= 1)               4 B |
+    offset 12          | u32 flags (0; reserved)                4 B |
+    offset 16          | u64 header_len (bytes of JSON)         8 B |
+    offset 24          | u64 data_offset (multiple of ALIGN)    8 B |
+    offset 32          | u64 file_size (total expected size)    8 B |
+    offset 40          | u32 header_crc32 (zlib.crc32 of JSON)  4 B |
+    offset 44          | reserved, all zero                    20 B |
+                       +-------------------------------------------+
+    offset 64          | UTF-8 JSON header (header_len bytes)      |
+                       | zero padding up to data_offset            |
+                       +-------------------------------------------+
+    data_offset + off0 | tensor 0 blob (nbytes0) | zero pad        |
+    data_offset + off1 | tensor 1 blob (nbytes1) | ...             |
+                       +-------------------------------------------+
+    file_size          (end of file; off_i are multiples of ALIGN)
 
-All integers are little-endian.  The magic's ``\\r\\n`` and ``\\x1a`` (as in
-PNG) make a text-mode / newline-converting transfer show up as "bad magic"
-instead of as garbage weights.  ``file_size`` lets truncation be reported
-before anything else is parsed.
+The magic's ``\r\n`` and ``\x1a`` (as in PNG) turn a newline-converting
+text-mode transfer into "bad magic" rather than garbage weights; ``file_size``
+reports truncation before anything else is parsed.  The JSON header is
+``{"format_version": 1, "metadata": {...}, "tensors": [record, ...]}`` with
+one :class:`TensorRecord` per tensor; record offsets are relative to
+``data_offset``, checksums are ``"crc32:%08x"`` of the blob (algorithm as a
+prefix so it can change).
 
-The JSON header is ``{"format_version": 1, "metadata": {...}, "tensors":
-[record, ...]}``; each record is a :class:`TensorRecord` (name, qtype, bits,
-group_size, shape, offset, nbytes, checksum, extra).  Record offsets are
-relative to ``data_offset``; checksums are ``"crc32:%08x"`` of the blob (the
-algorithm is a prefix so it can change).
+Raw qtypes (``f32 f16 bf16 i32 u8``; bf16 stored as uint16) are the
+little-endian array, viewed with that dtype and logical shape.  Any other
+qtype is opaque here: a 1-D uint8 view of ``nbytes`` for the qtype module.
 
-Raw qtypes (``f32 f16 bf16 i32 u8``; bf16 is stored as uint16) are the
-little-endian array, returned as a view of that dtype and logical shape.  Any
-other qtype is opaque here: its view is a 1-D uint8 array of ``nbytes``
-bytes for the qtype module to interpret.
-
-Nothing is ever unpickled: the header is JSON and tensors are raw bytes.
-:func:`write` is atomic (temp file in the same directory, fsync,
-``os.replace``).  :func:`open` validates the prefix, header and every record
-and raises :class:`FormatError` saying what is wrong and how to fix it; blob
-checksums are only checked by :meth:`EvlmFile.verify` (or ``open(...,
-verify=True)``) because that reads the whole file.
+Nothing is ever unpickled (JSON + raw bytes only).  :func:`write` is atomic
+(temp file in the same directory, fsync, ``os.replace``).  :func:`open`
+validates prefix, header and records, raising :class:`FormatError` with what
+is wrong and how to fix it; blob checksums are checked only by
+:meth:`EvlmFile.verify` / ``open(..., verify=True)`` as that reads every byte.
 """
 
 from __future__ import annotations
