@@ -140,19 +140,11 @@ class TensorRecord:
         """dtype of the view: the raw dtype, or uint8 for an opaque quantised blob."""
         return _RAW_DTYPES.get(self.qtype, np.dtype(np.uint8))
 
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["shape"] = list(self.shape)
-        return d
-
 
 @dataclass(frozen=True, eq=False)  # eq=False: ndarray == ndarray is elementwise, not a bool
 class TensorBlob:
-    """What a writer hands to write(): a record without offset/checksum, plus the data.
-
-    ``data`` may have any dtype (written as its raw C-order bytes, little-endian);
-    for raw qtypes it must have that qtype's dtype and exactly ``shape``.
-    """
+    """What a writer hands to write().  ``data`` (any dtype) is written as its raw C-order
+    little-endian bytes; for raw qtypes it must have that qtype's dtype and exactly ``shape``."""
 
     name: str
     qtype: str
@@ -208,10 +200,8 @@ def _check_blob(i: int, b: Any) -> None:
     if not isinstance(b, TensorBlob):
         raise TypeError(f"tensors[{i}] is a {type(b).__name__}, expected TensorBlob")
     where = f"tensors[{i}] ({b.name!r})"
-    if not isinstance(b.name, str) or not b.name:
-        raise ValueError(f"tensors[{i}]: name must be a non-empty str, got {b.name!r}")
-    if not isinstance(b.qtype, str) or not b.qtype:
-        raise ValueError(f"{where}: qtype must be a non-empty str, got {b.qtype!r}")
+    if not (isinstance(b.name, str) and b.name and isinstance(b.qtype, str) and b.qtype):
+        raise ValueError(f"{where}: name and qtype must be non-empty str, got qtype {b.qtype!r}")
     if not _is_int(b.bits) or not 1 <= b.bits <= 64 or not _is_int(b.group_size) or b.group_size < 0:
         raise ValueError(f"{where}: need 1 <= bits <= 64 and group_size >= 0, got {b.bits!r}, {b.group_size!r}")
     if any(d < 0 for d in b.shape):
@@ -223,7 +213,7 @@ def _check_blob(i: int, b: Any) -> None:
     if dt is not None:
         if b.data.dtype.newbyteorder("<") != dt:
             raise ValueError(f"{where}: qtype {b.qtype} needs {dt} data, got {b.data.dtype}; "
-                             f"convert with .astype(np.{dt.name})")
+                             f"convert with .{'view' if b.qtype == 'bf16' else 'astype'}(np.{dt.name})")
         if b.data.shape != b.shape:
             raise ValueError(f"{where}: data shape {b.data.shape} != declared shape {b.shape}")
     if p := _raw_problem(b.qtype, b.bits, b.group_size, b.shape, b.data.nbytes):
@@ -233,8 +223,8 @@ def _check_blob(i: int, b: Any) -> None:
 
 
 def _header_bytes(metadata: dict[str, Any], records: list[TensorRecord]) -> bytes:
-    doc = {"format_version": FORMAT_VERSION, "metadata": metadata,
-           "tensors": [r.to_json() for r in records]}
+    tensors = [{**dataclasses.asdict(r), "shape": list(r.shape)} for r in records]
+    doc = {"format_version": FORMAT_VERSION, "metadata": metadata, "tensors": tensors}
     return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -258,12 +248,11 @@ def _stream_blob(f: io.BufferedWriter, data: np.ndarray) -> tuple[int, int]:
 def _fsync_dir(directory: Path) -> None:
     # On POSIX the rename is durable only once the directory entry is flushed.
     # Windows cannot open directories (and NTFS journals the rename), so skip it.
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+    if os.name == "posix":
         fd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -361,14 +350,11 @@ class EvlmFile:
         # (file_size,) read-only uint8 view of the mapping; every tensor is a slice.
         self._buf: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8)
 
-    def _require_open(self) -> np.ndarray:
+    def _blob(self, rec: TensorRecord) -> np.ndarray:
         if self._buf is None:
             raise ValueError(f"{self.path}: file is closed")
-        return self._buf
-
-    def _blob(self, rec: TensorRecord) -> np.ndarray:
         start = self._data_offset + rec.offset
-        return self._require_open()[start:start + rec.nbytes]
+        return self._buf[start:start + rec.nbytes]
 
     def __getitem__(self, name: str) -> np.ndarray:
         rec = self.records.get(name)
@@ -420,21 +406,18 @@ class EvlmFile:
 
 
 def _bad_magic(path: Path, head: bytes, size: int) -> FormatError:
-    if head.startswith(b"PK"):
-        what, fix = "it looks like a zip archive (a PyTorch .pt/.pth checkpoint or .npz)", _FIX_EXPORT
-    elif head.startswith(b"GGUF"):
-        what, fix = "it is a GGUF (llama.cpp) file", "convert the original checkpoint with `edgevlm export`"
-    elif (len(head) >= 9 and head[8:9] == b"{"
-          and struct.unpack_from("<Q", head)[0] <= size - 8):
-        what, fix = "it looks like a safetensors file", "convert it with `edgevlm export`"
-    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        what, fix = ("it looks like a pickle (legacy torch.save); edgevlm never unpickles files",
-                     "convert it with `edgevlm export`")
-    elif head.startswith(b"EVLM"):
-        what, fix = ("the magic was altered, typically by a text-mode transfer converting newlines",
-                     "copy the file again in binary mode (no newline conversion)")
-    else:
-        what, fix = "it is not an .evlm file", f"check the path, or {_FIX_EXPORT}"
+    convert = "convert the original checkpoint with `edgevlm export`"
+    safetensors = len(head) >= 9 and head[8:9] == b"{" and struct.unpack_from("<Q", head)[0] <= size - 8
+    what, fix = next((w, f) for hit, w, f in [  # (looks like it?, what it is, how to fix)
+        (head.startswith(b"PK"), "it looks like a zip archive (a PyTorch .pt/.pth checkpoint or .npz)", convert),
+        (head.startswith(b"GGUF"), "it is a GGUF (llama.cpp) file", convert),
+        (safetensors, "it looks like a safetensors file", convert),
+        (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5,
+         "it looks like a pickle (legacy torch.save); edgevlm never unpickles files", convert),
+        (head.startswith(b"EVLM"), "the magic was altered, typically by a text-mode transfer converting "
+         "newlines", "copy the file again in binary mode (no newline conversion)"),
+        (True, "it is not an .evlm file", f"check the path, or {_FIX_EXPORT}"),
+    ] if hit)
     return _err(path, f"bad magic: expected {MAGIC!r}, got {head[:8]!r}; {what}", fix)
 
 
@@ -530,17 +513,17 @@ def open(path: str | os.PathLike[str], *, verify: bool = False) -> EvlmFile:  # 
             raise _err(path, f"file is truncated: {size} bytes, smaller than the {PREFIX_SIZE}-byte "
                        "prefix", _FIX_COPY)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after f closes
+    ef = None
     try:
         ef = _parse(path, mm)
-    except BaseException:
-        mm.close()
-        raise
-    if verify:
-        try:
+        if verify:
             ef.verify()
-        except BaseException:
-            ef.close()
-            raise
+    except BaseException:
+        if ef is None:
+            mm.close()
+        else:
+            ef.close()  # also closes mm (after dropping its own view of it)
+        raise
     return ef
 
 

@@ -193,6 +193,15 @@ def test_noncontiguous_and_big_endian_inputs(tmp_path):
         assert f["q"].tobytes() == np.arange(6, dtype="<u2").tobytes()
 
 
+def test_chunked_streaming_checksums(tmp_path, monkeypatch):
+    monkeypatch.setattr(evf, "_CHUNK", 7)  # many pieces per blob: crc must accumulate across them
+    p = tmp_path / "c.evlm"
+    evf.write(p, {}, _blobs())
+    with evf.open(p, verify=True) as f:
+        for b in _blobs():
+            np.testing.assert_array_equal(f[b.name], b.data)
+
+
 def test_progress_and_record_defaults(tmp_path):
     calls = []
     evf.write(tmp_path / "p.evlm", {}, _blobs(), progress=lambda d, t, n: calls.append((d, t, n)))
@@ -416,19 +425,19 @@ def test_header_missing_keys(model):
     _open_err(model, "tensors (list)")
 
 
-@pytest.mark.parametrize("edit, msg", [
-    (lambda r: r.update(offset=r["offset"] + 1), "not aligned"),
-    (lambda r: r.update(offset=1 << 40), "past the end"),
-    (lambda r: r.update(nbytes=r["nbytes"] + 10**9), "past the end"),
-    (lambda r: r.update(shape=[4]), "nbytes is 12"),
-    (lambda r: r.pop("checksum"), "'checksum'"),
-    (lambda r: r.update(bits="32"), "'bits'"),
-    (lambda r: r.update(shape=[-3]), "non-negative"),
-    (lambda r: r.update(checksum="xxh64:0123456789abcdef"), "unsupported checksum"),
+@pytest.mark.parametrize("edit, parts", [
+    (lambda r: r.update(offset=r["offset"] + 1), ["'tok.weight'", "not aligned"]),
+    (lambda r: r.update(offset=1 << 40), ["'tok.weight'", "past the end"]),
+    (lambda r: r.update(nbytes=r["nbytes"] + 10**9), ["'tok.weight'", "past the end"]),
+    (lambda r: r.update(shape=[4]), ["'tok.weight'", "nbytes is 12"]),
+    (lambda r: r.update(shape=[-3]), ["'tok.weight'", "non-negative"]),
+    (lambda r: r.update(checksum="xxh64:0123456789abcdef"), ["'tok.weight'", "unsupported checksum"]),
+    (lambda r: r.pop("checksum"), ["tensors[0]", "'checksum'"]),
+    (lambda r: r.update(bits="32"), ["tensors[0]", "'bits'"]),
 ])
-def test_bad_record(model, edit, msg):
+def test_bad_record(model, edit, parts):
     _rewrite_header(model, lambda d: edit(d["tensors"][0]))
-    _open_err(model, "tok.weight" if msg != "'checksum'" and msg != "'bits'" else "tensors[0]", msg)
+    _open_err(model, *parts)
 
 
 def test_duplicate_record_in_header(model):
