@@ -8,6 +8,7 @@
 // _mm256_madd_epi16(.., 1) widens to int32, one cvt + fmadd applies scale*d per group.
 //
 // A code policy P (q2.cc, q3.cc, q4.cc, q8.cc) provides:
+//   kSbBytes                     bytes of one full 128-code superblock (b * 16)
 //   kSigned                      false: codes are u8 0..2^b-1 (asymmetric, with mins);
 //                                true:  codes are int8 -127..127 (q8, sign trick, no mins)
 //   load128(row, k0, w[4])       the 128 codes [k0, k0+128) of a row (k0 % 128 == 0) as
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "avx2.h"
 
@@ -59,6 +61,11 @@ EV_INLINE __m256 load_f32x8(const float* p, int64_t n) {
   const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx);
   return _mm256_maskload_ps(p, mask);
 }
+
+// Hides v's value from the optimiser: keeps a running int16 sum a sequential chain.
+// Without it GCC reassociates the per-group adds into a tree, which keeps all 16 maddubs
+// results of a 4-row tile live at once and spills (measured ~10% slower).
+EV_INLINE void opaque(__m256i& v) { __asm__("" : "+x"(v)); }
 
 EV_INLINE __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
@@ -98,7 +105,6 @@ void gemv_impl(const LinearArgs& a, int64_t n0, int64_t n1) {
   constexpr int kGroup = CPG * 32;
   const QMatrix& w = a.w;
   const int64_t K = w.k, G = K / kGroup;
-  const int64_t rb = row_bytes(w.type, K);
   const int8_t* x = a.xq->q;
   const float* xd = a.xq->d;
   const float* xs = a.xq->s;
@@ -121,7 +127,7 @@ void gemv_impl(const LinearArgs& a, int64_t n0, int64_t n1) {
       const int64_t k0 = g0 * kGroup, k1 = (g0 + gn) * kGroup;
       int64_t k = k0;
       for (; k + 128 <= k1; k += 128) {
-        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(row + (k * rb / K)) + kPrefetch, _MM_HINT_T0);
+        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(row + k / 128 * P::kSbBytes) + kPrefetch, _MM_HINT_T0);
         __m256i c[4];
         P::load128(row, k, c);
         __m256i acc = _mm256_setzero_si256();
@@ -164,22 +170,33 @@ void gemv(const LinearArgs& a, int64_t n0, int64_t n1) {
 
 // ---- GEMM: M >= 2 ----
 // Blocking (per thread, over its [n0, n1) slice):
-//   for K chunk of kKc codes            (all block buffers fixed-size on the stack)
-//     for M block of mb rows            (mb x kKc int8 activations ~ 32 KiB: L1-resident)
-//       for W row n                     (its chunk unpacked once to u8 in wbuf, L1)
-//         for 4-row tile of the block   micro-kernel: 1 W row x 4 X rows
-// The micro-kernel keeps 4 int16 + 4 fp32 accumulators and the current W vector in
-// registers (~11 of 16 ymm); X vectors are maddubs memory operands. Unpacking W once per
-// block amortises it over mb X rows; sd[m][g] = scale*d is precomputed per (n, block) so
-// each group costs one broadcast load + cvt + fmadd per X row. Partial sums of K chunks
-// accumulate in y (first chunk writes bias + sum).
-constexpr int64_t kKc = 2048;      // codes per K chunk (multiple of 128)
-constexpr int64_t kGcMax = kKc / 32;  // groups per K chunk at most (64)
-constexpr int64_t kMbMax = 64;
-constexpr int kMr = 4;
+//   for K chunk of kc <= 2048 codes
+//     for W block of nb rows             codes unpacked once to u8 (nb x kc <= 64 KiB, L2)
+//       for X block of mb rows           int8 rows packed per tile (mb x kc <= 32 KiB, L1)
+//         for W row n of the block       sd[m][g] = scale[n,g] * d[m,g] for the block's rows
+//           for 6-row tile of the block  micro-kernel: 1 W row x 6 X rows
+// The micro-kernel keeps 6 int16 + 6 fp32 accumulators, the current W vector and the
+// madd ones in registers (14 of 16 ymm); X vectors are maddubs memory operands (L1). W is
+// read from memory once per K chunk and unpacked once; X is re-packed per W block (a
+// copy, ~3%). Per group and X row: CPG maddubs (+ adds), one madd, one cvt, one fmadd
+// with a broadcast load of sd — maddubs/madd/cvt/fmadd share ports 0/1, which bounds a
+// q4 g128 pair-group at 3.5 cycles (measured 4.2 in the micro-kernel, 4.8 overall).
+// Partial sums of K chunks accumulate in y (first chunk: bias + sum). All buffers are
+// fixed-size, on the stack (~125 KiB; glibc threads have MiBs).
+constexpr int64_t kKc = 2048;        // codes per K chunk (multiple of 128)
+constexpr int64_t kWBlock = 65536;   // bytes of unpacked W per block
+constexpr int64_t kNbMax = 256;      // W rows per block at most
+constexpr int64_t kNbG = 2048;       // nb * gpad at most (scales/mins floats)
+constexpr int64_t kXBlock = 32768;   // bytes of packed int8 X per block (L1-resident)
+constexpr int64_t kMbMax = 64;       // X rows per block at most
+constexpr int64_t kMbG = 1024;       // mb * gpad at most (d, s, sd floats)
+constexpr int kMr = 6;               // X rows per micro-kernel tile
 
+// x: the tile's MR rows, interleaved per 32-code chunk: chunk j of row m at x + (j*MR + m)*32,
+// so every X operand is one pointer + a constant displacement (indexed addressing would
+// un-laminate each maddubs-with-load into two uops at rename).
 template <bool kSigned, int MR, int CPG>
-EV_INLINE void micro(const uint8_t* wb, const int8_t* x, int64_t ldx, int64_t gn, const float* sd,
+EV_INLINE void micro(const uint8_t* wb, const int8_t* x, int64_t gn, const float* sd,
                      const float* mf, const float* sb, int64_t gpad, float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MR];
@@ -194,16 +211,30 @@ EV_INLINE void micro(const uint8_t* wb, const int8_t* x, int64_t ldx, int64_t gn
     __m256i ia[MR];
     for (int m = 0; m < MR; ++m) ia[m] = _mm256_setzero_si256();
     for (int c = 0; c < CPG; ++c) {
-      const int64_t off = (g * CPG + c) * 32;
-      const __m256i wv = ld(wb + off);  // q8: straight from the qs row (unaligned)
-      for (int m = 0; m < MR; ++m) ia[m] = dot32<kSigned>(wv, ld(x + m * ldx + off), ia[m], c == 0, ones);
+      const __m256i wv = ld(wb + c * 32);  // q8: straight from the qs row (unaligned)
+      for (int m = 0; m < MR; ++m) {
+        ia[m] = dot32<kSigned>(wv, ld(x + (c * MR + m) * 32), ia[m], c == 0, ones);
+        opaque(ia[m]);
+      }
     }
+    wb += CPG * 32;
+    x += CPG * MR * 32;
     for (int m = 0; m < MR; ++m)
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(widen<kSigned>(ia[m], ones)),
                                _mm256_broadcast_ss(sd + m * gpad + g), acc[m]);
   }
   const __m256 z = _mm256_setzero_ps();
-  _mm_storeu_ps(out, hsum4(acc[0], MR > 1 ? acc[1 % MR] : z, MR > 2 ? acc[2 % MR] : z, MR > 3 ? acc[3 % MR] : z));
+  for (int m = 0; m < MR; m += 4)
+    _mm_storeu_ps(out + m, hsum4(acc[m], m + 1 < MR ? acc[(m + 1) % MR] : z, m + 2 < MR ? acc[(m + 2) % MR] : z,
+                                 m + 3 < MR ? acc[(m + 3) % MR] : z));
+}
+
+// micro<MR> for the tile's row count mr in [1, kMr] (the last tile of a block may be short).
+template <bool kSigned, int CPG, int MR = kMr>
+EV_INLINE void micro_dispatch(int64_t mr, const uint8_t* wb, const int8_t* x, int64_t gn, const float* sd,
+                              const float* mf, const float* sb, int64_t gpad, float* out) {
+  if (mr == MR) micro<kSigned, MR, CPG>(wb, x, gn, sd, mf, sb, gpad, out);
+  else if constexpr (MR > 1) micro_dispatch<kSigned, CPG, MR - 1>(mr, wb, x, gn, sd, mf, sb, gpad, out);
 }
 
 template <class P, int CPG>
@@ -215,47 +246,68 @@ void gemm_impl(const LinearArgs& a, int64_t n0, int64_t n1) {
   const float* xd = a.xq->d;
   const float* xs = a.xq->s;
   const int64_t kc = std::min(K, kKc);
-  const int64_t mbs = std::max<int64_t>(kMr, std::min<int64_t>(kMbMax, (32768 / kc) / kMr * kMr));
-  alignas(32) uint8_t wbuf[kKc];
-  alignas(32) float sf[kGcMax], mf[kGcMax];
-  alignas(32) float db[kMbMax * kGcMax], sb[kMbMax * kGcMax], sd[kMbMax * kGcMax];
+  const int64_t gpmax = (kc / kGroup + 7) / 8 * 8;
+  const int64_t nbs = std::max<int64_t>(1, std::min({kNbMax, kWBlock / kc, kNbG / gpmax}));
+  const int64_t mbs = std::max<int64_t>(kMr, std::min({kMbMax, kXBlock / kc, kMbG / gpmax}) / kMr * kMr);
+  alignas(64) uint8_t wball[kWBlock];
+  alignas(64) int8_t xbuf[kXBlock];
+  alignas(32) float sfall[kNbG], mfall[kNbG];
+  alignas(32) float db[kMbG], sb[kMbG], sd[kMbG];
+  const uint8_t* wptr[kNbMax];
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t k1 = std::min(K, k0 + kc), g0 = k0 / kGroup, gn = (k1 - k0) / kGroup;
     const int64_t gpad = (gn + 7) / 8 * 8;
-    for (int64_t m0 = 0; m0 < M; m0 += mbs) {
-      const int64_t mb = std::min(mbs, M - m0);
-      for (int64_t m = 0; m < mb; ++m)  // block's d and s, zero-padded to gpad
+    for (int64_t nb0 = n0; nb0 < n1; nb0 += nbs) {
+      const int64_t nb = std::min(nbs, n1 - nb0);
+      for (int64_t j = 0; j < nb; ++j) {  // the W block: codes, scales, mins (zero-padded)
+        wptr[j] = P::prepare(w.row_qs(nb0 + j), k0, k1, wball + j * kc);
+        const uint16_t* sc = w.row_scales(nb0 + j) + g0;
         for (int64_t i = 0; i < gpad; i += 8) {
-          const int64_t r = (m0 + m) * G + g0 + i, left = gn - i;
-          _mm256_store_ps(db + m * gpad + i, load_f32x8(xd + r, left));
-          _mm256_store_ps(sb + m * gpad + i, load_f32x8(xs + r, left));
+          _mm256_store_ps(sfall + j * gpad + i, load_f16x8(sc + i, gn - i));
+          if constexpr (!P::kSigned)
+            _mm256_store_ps(mfall + j * gpad + i, load_f16x8(w.row_mins(nb0 + j) + g0 + i, gn - i));
         }
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* row = w.row_qs(n);
-        const uint8_t* wb = P::prepare(row, k0, k1, wbuf);
-        const uint16_t* sc = w.row_scales(n) + g0;
-        for (int64_t i = 0; i < gpad; i += 8) {
-          _mm256_store_ps(sf + i, load_f16x8(sc + i, gn - i));
-          if constexpr (!P::kSigned) _mm256_store_ps(mf + i, load_f16x8(w.row_mins(n) + g0 + i, gn - i));
-        }
-        for (int64_t m = 0; m < mb; ++m)
-          for (int64_t i = 0; i < gpad; i += 8)
-            _mm256_store_ps(sd + m * gpad + i, _mm256_mul_ps(_mm256_load_ps(sf + i), _mm256_load_ps(db + m * gpad + i)));
-        const float add = k0 == 0 ? (a.bias ? a.bias[n] : 0.f) : 0.f;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += mbs) {
+        const int64_t mb = std::min(mbs, M - m0);
+        // The X block, packed per tile (chunk-interleaved, see micro): contiguous, so
+        // rows K bytes apart (K often a multiple of 4 KiB) do not all map to the same L1
+        // sets. d and s zero-padded to gpad.
         for (int64_t mt = 0; mt < mb; mt += kMr) {
           const int64_t mr = std::min<int64_t>(kMr, mb - mt);
-          const int8_t* xt = xq + (m0 + mt) * K + k0;
-          const float* sdt = sd + mt * gpad;
-          const float* sbt = sb + mt * gpad;
-          float out[4];
-          switch (mr) {
-            case 4: micro<P::kSigned, 4, CPG>(wb, xt, K, gn, sdt, mf, sbt, gpad, out); break;
-            case 3: micro<P::kSigned, 3, CPG>(wb, xt, K, gn, sdt, mf, sbt, gpad, out); break;
-            case 2: micro<P::kSigned, 2, CPG>(wb, xt, K, gn, sdt, mf, sbt, gpad, out); break;
-            default: micro<P::kSigned, 1, CPG>(wb, xt, K, gn, sdt, mf, sbt, gpad, out); break;
+          for (int64_t m = 0; m < mr; ++m) {
+            const int8_t* src = xq + (m0 + mt + m) * K + k0;
+            int8_t* dst = xbuf + mt * kc + m * 32;
+            for (int64_t j = 0; j < (k1 - k0) / 32; ++j)
+              _mm256_store_si256(reinterpret_cast<__m256i*>(dst + j * mr * 32), ld(src + j * 32));
           }
-          float* yc = a.y + (m0 + mt) * N + n;
-          for (int64_t i = 0; i < mr; ++i) yc[i * N] = (k0 == 0 ? add : yc[i * N]) + out[i];
+        }
+        for (int64_t m = 0; m < mb; ++m) {
+          for (int64_t i = 0; i < gpad; i += 8) {
+            const int64_t r = (m0 + m) * G + g0 + i;
+            _mm256_store_ps(db + m * gpad + i, load_f32x8(xd + r, gn - i));
+            _mm256_store_ps(sb + m * gpad + i, load_f32x8(xs + r, gn - i));
+          }
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t n = nb0 + j;
+          const float* sf = sfall + j * gpad;
+          for (int64_t m = 0; m < mb; ++m)
+            for (int64_t i = 0; i < gpad; i += 8)
+              _mm256_store_ps(sd + m * gpad + i, _mm256_mul_ps(_mm256_load_ps(sf + i), _mm256_load_ps(db + m * gpad + i)));
+          const float* mf = mfall + j * gpad;
+          const uint8_t* wb = wptr[j];
+          const float add = k0 == 0 && a.bias ? a.bias[n] : 0.f;
+          for (int64_t mt = 0; mt < mb; mt += kMr) {
+            const int64_t mr = std::min<int64_t>(kMr, mb - mt);
+            const int8_t* xt = xbuf + mt * kc;
+            const float* sdt = sd + mt * gpad;
+            const float* sbt = sb + mt * gpad;
+            float out[8];
+            micro_dispatch<P::kSigned, CPG>(mr, wb, xt, gn, sdt, mf, sbt, gpad, out);
+            float* yc = a.y + (m0 + mt) * N + n;
+            for (int64_t i = 0; i < mr; ++i) yc[i * N] = (k0 == 0 ? add : yc[i * N]) + out[i];
+          }
         }
       }
     }

@@ -9,6 +9,7 @@ namespace ev {
 namespace {
 
 struct Q2Codes {
+  static constexpr int64_t kSbBytes = 32;
   static constexpr bool kSigned = false;
   static EV_INLINE void load128(const uint8_t* row, int64_t k0, __m256i c[4]) {
     const __m256i m2 = _mm256_set1_epi8(0x03);

@@ -12,6 +12,7 @@ namespace ev {
 namespace {
 
 struct Q3Codes {
+  static constexpr int64_t kSbBytes = 48;
   static constexpr bool kSigned = false;
   static EV_INLINE void load128(const uint8_t* row, int64_t k0, __m256i c[4]) {
     const __m256i m2 = _mm256_set1_epi8(0x03), m4 = _mm256_set1_epi8(0x04);

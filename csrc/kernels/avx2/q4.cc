@@ -9,6 +9,7 @@ namespace ev {
 namespace {
 
 struct Q4Codes {
+  static constexpr int64_t kSbBytes = 64;
   static constexpr bool kSigned = false;
   // Codes [k0, k0+128) of a row, k0 % 128 == 0: two full units at byte k0/2.
   static EV_INLINE void load128(const uint8_t* row, int64_t k0, __m256i c[4]) {

@@ -10,6 +10,7 @@ namespace ev {
 namespace {
 
 struct Q8Codes {
+  static constexpr int64_t kSbBytes = 128;
   static constexpr bool kSigned = true;
   static EV_INLINE void load128(const uint8_t* row, int64_t k0, __m256i c[4]) {
     for (int j = 0; j < 4; ++j) c[j] = avx2::ld(row + k0 + 32 * j);
