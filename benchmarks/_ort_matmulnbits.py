@@ -14,10 +14,11 @@ The weights are random bytes: every byte pattern is a valid code stream, and spe
 depend on the values. Copy ``i`` differs from copy 0 (XOR mask + index stamp), so no
 initializer de-duplication can collapse the copies.
 
-Cold weights: every node owns its own initializer, which ORT pre-packs into its own buffer
-at session creation. One session holds as many nodes (copies) as the caller asks; a timed
-call runs a chunk of those nodes (fetching only their outputs, so ORT executes only them)
-and the per-op time is the call time divided by the chunk size.
+Cold weights: every node owns its own initializer (passed as an external initializer, so no
+multi-GB protobuf is serialized), which ORT pre-packs into its own buffer at session creation.
+A session holds as many nodes (copies) as the caller asks. ORT 1.32 runs every node of a
+session on each run, whatever outputs are fetched (measured), so a timed call is one run of
+one session and the per-op time is the run time divided by its node count.
 """
 from __future__ import annotations
 
