@@ -23,7 +23,6 @@ one session and the per-op time is the run time divided by its node count.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,15 +38,6 @@ def import_ort():
     import onnxruntime
 
     return onnxruntime, onnx
-
-
-def rss_mib() -> float:
-    """Resident set size of this process in MiB (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return 0.0
 
 
 @dataclass
@@ -210,13 +200,11 @@ class OrtCopies:
         per = nodes_per_session or copies
         self.copies = math.ceil(copies / per) * per  # equal sessions: every call runs as many ops
         self.per_session = per
-        rss0 = rss_mib()
         self.sessions, self._arrays = [], []
         for s0 in range(0, self.copies, per):
             model = build_model([weight_copy(base, i) for i in range(s0, s0 + per)], accuracy_level)
             self.sessions.append(make_session(model, threads))
             self._arrays.append(model[2])
-        self.rss_added_mib = rss_mib() - rss0
         # Copy 0 of every config is checked against numpy, after all sessions exist.
         self.max_rel_err = check_output(self.sessions[0], weight_copy(base, 0), "Y0")
         self.ok = self.max_rel_err < tolerance(accuracy_level)

@@ -4,7 +4,7 @@ Run from the repository root (after `make setup`):
 
     .venv/bin/python benchmarks/bench_kernels.py --quick          # < 1 min subset (`make demo`)
     .venv/bin/python benchmarks/bench_kernels.py --json build/bench.json \\
-        --results benchmarks/RESULTS.md                           # full run, ~8-12 min (`make bench`)
+        --results benchmarks/RESULTS.md                           # full run, ~10 min (`make bench`)
     .venv/bin/python benchmarks/bench_kernels.py --shapes 4096x4096 --m 1 --impls edgevlm,ort
 
 Y[M, N] = X[M, K] @ W[N, K]^T for (K, N) in SHAPES and M in {1, 16, 197}, 1 and 2 threads.
@@ -256,13 +256,9 @@ class Runner:
         """Random activations [m, K]."""
         return self.rng.standard_normal((m, k), dtype=np.float32)
 
-    def timing(self, m: int) -> tuple[float, int]:
-        """(time budget s, min repeats) per config."""
-        return self.args.budget, (10 if m == 1 else 3)
-
-    def measure(self, fns, ops_per_call: int, budget_s: float, min_reps: int, threads: int):
-        """measure() with this run's number of tries."""
-        return measure(fns, ops_per_call, budget_s, min_reps, threads, self.args.tries)
+    def measure(self, fns, ops_per_call: int, m: int, threads: int, min_reps: int = 0):
+        """measure() with this run's time budget and tries; min repeats 10 (M = 1) or 3."""
+        return measure(fns, ops_per_call, self.args.budget, min_reps or (10 if m == 1 else 3), threads, self.args.tries)
 
     def run_edgevlm(self, k: int, n: int, w: np.ndarray):
         """All qtypes/groups, M values and thread counts for one shape."""
@@ -278,7 +274,7 @@ class Runner:
                     for t in self.args.threads:
                         fns = [lambda b=b, t=t: core.linear(x, b, qt, g, n, out=y, isa=isa, threads=t) for b in ws]
                         time.sleep(0.05)  # let other pools' spinning threads go idle
-                        self.record("edgevlm", qt, g, m, k, n, t, *self.measure(fns, 1, *self.timing(m), t),
+                        self.record("edgevlm", qt, g, m, k, n, t, *self.measure(fns, 1, m, t),
                                     nbytes, len(ws), isa)
                 del cold, blob
 
@@ -294,7 +290,7 @@ class Runner:
                 torch.set_num_threads(t)
                 fns = [lambda b=b: torch.matmul(x, b, out=y) for b in ws]
                 time.sleep(0.05)
-                self.record("torch", "fp32", 0, m, k, n, t, *self.measure(fns, 1, *self.timing(m), t), nbytes, len(ws))
+                self.record("torch", "fp32", 0, m, k, n, t, *self.measure(fns, 1, m, t), nbytes, len(ws))
 
     def run_ort(self, k: int, n: int, ortm, configs):
         """MatMulNBits configs [(bits, block, level, M list)]: session sets per thread count."""
@@ -310,13 +306,11 @@ class Runner:
                         log(f"  ORT int{bits} b{block} level {level}: WRONG RESULT (rel err {oc.max_rel_err:.3g})")
                         oc.close()
                         continue
-                    note = (f"rel err {oc.max_rel_err:.1e}; {oc.per_session} nodes/session; "
-                            f"ORT RSS +{oc.rss_added_mib:.0f} MiB; built in {t_build:.1f}s")
+                    note = f"rel err {oc.max_rel_err:.1e}; {oc.per_session} nodes/session; built in {t_build:.1f}s"
                     for m in [m for m in ms if (m == 1) == cold]:
                         fns, per = oc.calls(m, self.x(m, k))
                         time.sleep(0.05)
-                        budget, reps = self.timing(m)
-                        times, load = self.measure(fns, per, budget, 5 if m == 1 else max(2, reps // per), t)
+                        times, load = self.measure(fns, per, m, t, 5 if m == 1 else 2)
                         self.record("ort", f"int{bits}", block, m, k, n, t, times, load, base.nbytes, oc.copies,
                                     f"acc{level}", note)
                     oc.close()

@@ -70,14 +70,11 @@ EV_INLINE __m256 load_f32x8(const float* p, int64_t n) {
   return _mm256_maskload_ps(p, mask);
 }
 
-// Hides v's value from the optimiser: keeps a running int16 sum a sequential chain.
-// Without it GCC reassociates the per-group adds into a tree, which keeps all 16 maddubs
-// results of a 4-row tile live at once and spills (measured ~10% slower).
-#ifndef EVX_NOOPQ
+// Hides v's value from the optimiser (no instruction): keeps a running int16 sum a
+// sequential chain. Without it GCC reassociates a group's adds into a tree, which keeps
+// all maddubs results of a 6-row GEMM tile live at once and spills (q4 197x4096x4096:
+// 150 vs 131 GFLOP/s on one core).
 EV_INLINE void opaque(__m256i& v) { __asm__("" : "+x"(v)); }
-#else
-EV_INLINE void opaque(__m256i&) {}
-#endif
 
 EV_INLINE __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
@@ -106,12 +103,12 @@ constexpr int64_t kGChunk = 256;
 
 // ---- GEMV: M == 1, x (K int8) stays in L1 ----
 // Per K chunk (<= kGChunk groups; one chunk unless K > 8192 at group 32): d and s copied
-// zero-padded to the stack once; then per group of 4 W rows, R rows
-// at a time (see gemv_impl): sd[r][g] = scale[n+r,g]*d[g] into a stack buffer (8 at a time, F16C), the
-// min term min.s as 8-lane partial products into the accumulator, and one pass over the
-// codes, 128 codes (one superblock) per step, a group flushed every CPG steps. Each x
-// vector is loaded once per step and shared by the R rows. The 4 rows' accumulators are
-// reduced together (hsum4) into y. Bandwidth: rows' codes and the scales / mins planes
+// zero-padded to the stack once; then per 4 W rows, R at a time (see gemv_impl):
+// sd[r][g] = scale[n+r,g]*d[g] into a stack buffer (8 at a time, F16C), the min term
+// min.s as 8-lane partial products into the accumulator, and one pass over the codes,
+// 128 codes (one superblock) per step, a group flushed every CPG steps. Each x vector is
+// loaded once per step and shared by the R rows. The 4 rows' accumulators are reduced
+// together (hsum4) into y. Bandwidth: rows' codes and the scales / mins planes
 // are sequential streams; a software prefetch kPrefetch bytes ahead on the codes keeps
 // enough misses in flight for one core to beat a plain streaming read (q4 4096x4096,
 // 1 thread: no prefetch 8.2 GB/s, 1 KiB ahead 11, 4 KiB ahead 13).
@@ -129,6 +126,14 @@ template <class P, int CPG, int R>
 EV_INLINE void gemv_rows(const QMatrix& w, const GemvChunk& ch, int64_t n, float* sd, uint8_t* tail, __m256* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+#ifdef EVX_SPF
+  {
+    const char* ps = reinterpret_cast<const char*>(w.row_scales(n) + ch.g0) + EVX_SPF;
+    const char* pm = reinterpret_cast<const char*>(w.row_mins(n) + ch.g0) + EVX_SPF;
+    _mm_prefetch(ps, _MM_HINT_T0);
+    if constexpr (!P::kSigned) _mm_prefetch(pm, _MM_HINT_T0);
+  }
+#endif
   for (int64_t i = 0; i < ch.gpad; i += 8) {
     const __m256 dd = _mm256_load_ps(ch.dz + i);
     for (int r = 0; r < R; ++r) {
