@@ -126,14 +126,6 @@ template <class P, int CPG, int R>
 EV_INLINE void gemv_rows(const QMatrix& w, const GemvChunk& ch, int64_t n, float* sd, uint8_t* tail, __m256* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-#ifdef EVX_SPF
-  {
-    const char* ps = reinterpret_cast<const char*>(w.row_scales(n) + ch.g0) + EVX_SPF;
-    const char* pm = reinterpret_cast<const char*>(w.row_mins(n) + ch.g0) + EVX_SPF;
-    _mm_prefetch(ps, _MM_HINT_T0);
-    if constexpr (!P::kSigned) _mm_prefetch(pm, _MM_HINT_T0);
-  }
-#endif
   for (int64_t i = 0; i < ch.gpad; i += 8) {
     const __m256 dd = _mm256_load_ps(ch.dz + i);
     for (int r = 0; r < R; ++r) {
