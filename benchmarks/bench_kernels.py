@@ -202,12 +202,25 @@ def cpu_ticks() -> tuple[int, int]:
         return 0, 0
 
 
-def measure(fns, ops_per_call: int, budget_s: float, min_reps: int, threads: int, tries: int = 3):
+def wait_idle(max_s: float) -> float:
+    """Sleep in 0.5 s steps until other processes use < 0.25 core (at most max_s); seconds waited."""
+    hz, t0 = os.sysconf("SC_CLK_TCK"), time.perf_counter()
+    while time.perf_counter() - t0 < max_s:
+        b0, m0 = cpu_ticks()
+        time.sleep(0.5)
+        b1, m1 = cpu_ticks()
+        if (b1 - b0 - (m1 - m0)) / hz / 0.5 < 0.25:
+            break
+    return time.perf_counter() - t0
+
+
+def measure(fns, ops_per_call: int, budget_s: float, min_reps: int, threads: int, tries: int = 3,
+            between=lambda: time.sleep(0.2)):
     """time_calls, retried when the machine was busy: returns (times, load note).
 
     Contended = other processes used > 0.25 core during the timing, or a multi-thread config
-    kept < 75% of its cores busy (a worker shared a core). Keeps the fastest clean try, else
-    the fastest try, noting the contention.
+    kept < 75% of its cores busy (a worker shared a core). `between()` runs before a retry.
+    Keeps the fastest clean try, else the fastest try, noting the contention.
     """
     hz, results = os.sysconf("SC_CLK_TCK"), []
     for _ in range(tries):
@@ -219,7 +232,7 @@ def measure(fns, ops_per_call: int, budget_s: float, min_reps: int, threads: int
         results.append((not clean, float(np.median(times)), times, f"others {others:.2f} cores, self {mine:.2f}"))
         if clean:
             break
-        time.sleep(0.2)
+        between()
     busy, _, times, load = min(results, key=lambda r: r[:2])
     return times, ("CONTENDED " if busy else "") + f"{load}; {len(results)} tr{'y' if len(results) == 1 else 'ies'}"
 
@@ -257,8 +270,15 @@ class Runner:
         return self.rng.standard_normal((m, k), dtype=np.float32)
 
     def measure(self, fns, ops_per_call: int, m: int, threads: int, min_reps: int = 0):
-        """measure() with this run's time budget and tries; min repeats 10 (M = 1) or 3."""
-        return measure(fns, ops_per_call, self.args.budget, min_reps or (10 if m == 1 else 3), threads, self.args.tries)
+        """measure() with this run's time budget and tries; min repeats 10 (M = 1) or 3.
+
+        Before a retry it waits (<= 15 s, <= args.idle_wait s over the whole run) for the
+        other processes to go idle."""
+        def between():
+            self.args.idle_wait -= wait_idle(min(15.0, max(0.2, self.args.idle_wait)))
+
+        return measure(fns, ops_per_call, self.args.budget, min_reps or (10 if m == 1 else 3), threads,
+                       self.args.tries, between)
 
     def run_edgevlm(self, k: int, n: int, w: np.ndarray):
         """All qtypes/groups, M values and thread counts for one shape."""
@@ -497,6 +517,7 @@ def parse_args(argv=None):
     a.ort_level0 = a.ort_level0 and not q
     a.budget = a.budget or (0.2 if q else 0.5)
     a.tries = 1 if q else 3  # quick: flag contention, do not retry
+    a.idle_wait = 180.0  # seconds a run may spend waiting for other processes to go idle
     l3 = l3_bytes() or 32 * MIB
     a.cold_bytes = int(a.cold_mib * MIB) if a.cold_mib else int(max(384 * MIB, (1.5 if q else 2.5) * l3))
     a.impls = a.impls.split(",")

@@ -35,7 +35,11 @@ class Pool {
     stop_workers();
     n_threads_ = std::max(1, n);
     stop_ = false;
-    for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t] { worker(t); });
+    // Each worker starts from the generation current NOW (no job can be published while
+    // run_mu_ is held): reading it inside the new thread instead could skip a job posted
+    // before the thread got scheduled, and the caller would wait for it forever.
+    const uint64_t gen = generation_.load(std::memory_order_acquire);
+    for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t, gen] { worker(t, gen); });
   }
 
   void run(int n, const std::function<void(int)>& fn) {
@@ -55,8 +59,7 @@ class Pool {
   }
 
  private:
-  void worker(int id) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void worker(int id, uint64_t seen) {
     for (;;) {
       // Spin ~100 us for the next job before sleeping: decode issues one call per layer
       // back to back, and a futex wake costs more than a small GEMV.

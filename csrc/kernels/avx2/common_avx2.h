@@ -14,6 +14,8 @@
 //   load128(row, k0, w[4])       the 128 codes [k0, k0+128) of a row (k0 % 128 == 0) as
 //                                four 32-code vectors in natural order
 //   unpack_tail(row, k0, n, buf) codes [k0, k0+n) (n = 32/64/96, k0 % 128 == 0) -> buf
+//   prepare(row, k0, k1, wb)     GEMM: pointer to codes [k0, k1) as 32-code vectors (u8
+//                                codes unpacked into wb; q8: the row itself)
 // int16 headroom per group (pair sums <= 2*qmax*127): q2 762*4, q3 1778*4, q4 3810*4
 // are < 32767 for 4 maddubs (group 128); q8 pairs reach 32258, so widen after each.
 // Only AVX2/FMA/F16C instructions: target hosts have no AVX-512/VNNI.

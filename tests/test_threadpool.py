@@ -1,0 +1,26 @@
+"""The kernel thread pool: a job posted right after the pool starts or is resized must run
+(a worker that read the job counter late once skipped it and the caller waited forever)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PROBE = """
+import numpy as np, edgevlm._core as c
+from edgevlm import qtypes
+w = qtypes.get('q4').pack(np.ones((256, 4096), np.float32), 128)
+x = np.ones((1, 4096), np.float32)
+for i in range(200):
+    c.set_num_threads(1 + i % 2)
+    y = c.linear(x, w, 'q4', 128, 256, threads=2)
+    assert abs(float(y[0, 0]) - 4096.0) < 64, y[0, 0]
+print('OK')
+"""
+
+
+def test_first_call_and_resize_never_hang():
+    # A fresh process per run: the bug hit the very first call after the pool started.
+    for _ in range(5):
+        out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "OK" in out.stdout, out.stderr
