@@ -3,6 +3,7 @@
     edgevlm info MODEL.evlm       per-tensor table: qtype, bits, group, shape, bytes, bits/weight
     edgevlm verify MODEL.evlm     check every tensor checksum (exit 1 on corruption)
     edgevlm kernels               compiled / supported ISAs, the default one, CPU features
+    edgevlm export SRC -o OUT     quantize a Hugging Face model folder into an .evlm file
 
 Each subcommand parses its flags and calls one function; errors print a one-line message
 and exit with status 2 (bad input) or 1 (corrupt file) instead of a traceback.
@@ -67,6 +68,57 @@ def cmd_kernels() -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    from .export.config import BITS, ExportConfig, Method
+
+    d = ExportConfig()
+    s = sub.add_parser("export", help="quantize a Hugging Face model folder into an .evlm file",
+                       description="Quantize a Hugging Face model folder (config.json, *.safetensors, tokenizer, "
+                                   "preprocessor_config.json) into one .evlm file. Supported: CLIPModel, SiglipModel, "
+                                   "LlavaForConditionalGeneration (CLIP/SigLIP + Llama/Qwen2), BertModel.")
+    s.add_argument("src", help="Hugging Face model folder")
+    s.add_argument("-o", "--out", required=True, help="output .evlm file (written atomically)")
+    s.add_argument("--method", choices=[m.value for m in Method], default=d.method.value,
+                   help="rtn: round to nearest; gptq: Hessian-based; shq: LQA selective hybrid (default)")
+    s.add_argument("--bits", type=int, choices=BITS, default=d.bits, help="width of the quantized layers (16 = float16)")
+    s.add_argument("--text-bits", type=int, choices=BITS, default=None,
+                   help="width of the text tower / language model (default: --bits; 8 for shq)")
+    s.add_argument("--group", type=int, choices=(32, 64, 128), default=d.group, help="quantization group size")
+    s.add_argument("--calib", default=None,
+                   help="calibration data: folder of images (+ captions.jsonl, sentences.txt), .jsonl or .txt "
+                        "(default: the images and sentences that ship with edgevlm)")
+    s.add_argument("--n-calib", type=int, default=d.n_calib, help="calibration images and texts")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--budget-bits", type=float, default=None, help="shq: size budget, average bits per parameter")
+    b.add_argument("--budget-mb", type=float, default=None, help="shq: size budget, megabytes of weights")
+    s.add_argument("--keep-frac", type=float, default=d.keep_frac,
+                   help="shq without a budget: fraction of vision layers kept at --keep-bits")
+    s.add_argument("--keep-bits", type=int, choices=(8, 16), default=d.keep_bits, help="shq: width of kept layers")
+    s.add_argument("--clip-search", action="store_true", help="per-group range shrink search (rtn, gptq)")
+    s.add_argument("--act-order", action="store_true", help="gptq: quantize columns by descending Hessian diagonal")
+    s.add_argument("--damp", type=float, default=d.damp, help="gptq damping, fraction of the mean Hessian diagonal")
+    s.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration samples per forward pass")
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.config import ExportConfig
+
+    cfg = ExportConfig(method=args.method, bits=args.bits, text_bits=args.text_bits, group=args.group,
+                       calib=args.calib, n_calib=args.n_calib, budget_bits=args.budget_bits,
+                       budget_mb=args.budget_mb, keep_frac=args.keep_frac, keep_bits=args.keep_bits,
+                       clip_search=args.clip_search, act_order=args.act_order, damp=args.damp,
+                       batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    try:
+        from .export.pipeline import run_export
+    except ImportError as e:
+        raise ValueError(f"edgevlm export needs the export extra ({e.name} is missing): "
+                         "pip install 'edgevlm[export]' (torch==2.13.0 first)") from None
+    run_export(args.src, args.out, cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Quantized vision-language models on edge hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="check every checksum of an .evlm file")
     s.add_argument("model")
     sub.add_parser("kernels", help="print the kernel ISAs this build and CPU support")
+    _export_parser(sub)
     return p
 
 
@@ -89,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args.model)
         if args.command == "kernels":
             return cmd_kernels()
+        if args.command == "export":
+            return cmd_export(args)
     except FormatError as e:
         print(f"edgevlm {args.command}: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,184 @@
+"""Layer-by-layer calibration: capture a tower's block-0 inputs, then for each block
+(1) run it in full precision with hooks that accumulate each linear's Hessian H = 2XᵀX/n,
+(2) hand every linear weight + H to the quantizer, (3) rerun the block with the quantized
+weights and feed *those* outputs to the next block (errors of earlier blocks are seen by later
+ones, as in GPTQ).  One block is in memory at a time (:mod:`.lazy`), plus the calibration
+activations.  This module decides nothing about bits: :class:`Quantizer` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .lazy import LazyModel, call_block, capture_block_inputs
+from .quantize import Hessian
+
+
+class Quantizer(Protocol):
+    """What the calibration loop needs from the export pipeline (pipeline.py implements it)."""
+
+    def wants_hessian(self, canonical: str) -> bool:
+        """True if the weight ``canonical`` is quantized with calibration statistics."""
+
+    def linear(self, canonical: str, w: torch.Tensor, hessian: Hessian | None) -> torch.Tensor:
+        """Quantize/store one linear weight [N, K]; return what the file holds (float32)."""
+
+    def stored(self, canonical: str, t: torch.Tensor) -> torch.Tensor:
+        """Store a non-linear tensor (embedding table, norm, bias, ...) as the table says and
+        return what the file holds; linear weights are returned unchanged (quantized later)."""
+
+    def block_done(self, tower: str, index: int, rel_err: float) -> None:
+        """Progress report: relative output error of block ``index`` after quantization."""
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor        # [B, T, D] block input
+    args: tuple                 # other positional args the block was called with
+    kwargs: dict[str, Any]      # masks, position embeddings, ... as the model's forward built them
+    mask: torch.Tensor | None   # [B, T] 1 = real token, 0 = padding (excluded from Hessians)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+class Calibrator:
+    def __init__(self, lm: LazyModel, quantizer: Quantizer, batch_size: int, progress: bool = True,
+                 token_weight: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None) -> None:
+        """``token_weight(canonical, x)`` may return per-token weights [B, T] for the Hessian of
+        the linear ``canonical`` given its input x [B, T, K] (the hook later methods such as QIG
+        and VEQ use to reweight H̃ = 2XᵀCX); padding stays excluded either way."""
+        self.lm, self.q, self.batch_size, self.progress = lm, quantizer, batch_size, progress
+        self.token_weight = token_weight
+
+    # ---- loading helpers ----------------------------------------------------------------------
+    def load(self, path: str) -> nn.Module:
+        """Materialise ``path`` with every tensor as the file will hold it (quantized embedding
+        tables, float16 dense matrices); linear weights stay full precision until calibrated."""
+        mod = self.lm.module(path)
+        override = {}
+        for name, _ in mod.named_parameters():
+            full = f"{path}.{name}" if path else name
+            override[full] = self.q.stored(full, torch.from_numpy(self.lm.read(full)))
+        return self.lm.load(path, override=override)
+
+    def capture(self, blocks_path: str, runs: list[tuple[Callable[[], Any], torch.Tensor | None]]) -> list[Batch]:
+        first = self.lm.module(blocks_path)[0]
+        out = []
+        for run, mask in runs:
+            h, a, kw = capture_block_inputs(run, first)
+            out.append(Batch(h, a, kw, mask))
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run_tower(self, tower: str, blocks_path: str, n: int, batches: list[Batch],
+                  keep: frozenset[int] = frozenset()) -> tuple[list[Batch], dict[int, list[torch.Tensor]]]:
+        """Quantize blocks 0..n-1 of ``blocks_path`` in order.  Returns the batches with the last
+        block's (quantized) outputs as ``hidden``, and the outputs of the blocks listed in ``keep``
+        (index i = output of block i-1, 0 = the tower input) for towers that read hidden states."""
+        kept: dict[int, list[torch.Tensor]] = {}
+        if 0 in keep:
+            kept[0] = [b.hidden for b in batches]
+        bar = _bar(range(n), f"calibrate {tower}", self.progress)
+        for i in bar:
+            path = f"{blocks_path}.{i}"
+            block = self.load(path)
+            outs_fp = self._collect_and_quantize(path, block, batches)
+            err_num = err_den = 0.0
+            for b, fp in zip(batches, outs_fp):
+                b.hidden = call_block(block, b.hidden, b.args, b.kwargs)
+                err_num += float(((b.hidden - fp) ** 2).sum())
+                err_den += float((fp ** 2).sum())
+            del outs_fp
+            rel = float(np.sqrt(err_num / max(err_den, 1e-30)))
+            self.q.block_done(tower, i, rel)
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(f"block {i} rel. output error {rel:.2e}")
+            if i + 1 in keep:
+                kept[i + 1] = [b.hidden for b in batches]
+            self.lm.release(path)
+        return batches, kept
+
+    def _collect_and_quantize(self, path: str, block: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
+        """Full-precision pass with Hessian hooks, then quantize every linear of the block."""
+        linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        hess: dict[str, Hessian] = {}
+        hooks = []
+        current: dict[str, torch.Tensor | None] = {"mask": None}
+        for name, m in linears.items():
+            canon = _weight_name(path, name)
+            if not self.q.wants_hessian(canon):
+                continue
+            hess[name] = Hessian(m.in_features)
+            hooks.append(m.register_forward_pre_hook(self._hook(hess[name], canon, current)))
+        outs = []
+        try:
+            for b in batches:
+                current["mask"] = b.mask
+                outs.append(call_block(block, b.hidden, b.args, b.kwargs))
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, m in linears.items():
+            canon = _weight_name(path, name)
+            deq = self.q.linear(canon, m.weight.data, hess.pop(name, None))
+            m.weight = nn.Parameter(deq, requires_grad=False)
+        return outs
+
+    def _hook(self, h: Hessian, canon: str, current: dict) -> Callable:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            w = _token_mask(current["mask"], x)
+            if self.token_weight is not None:
+                extra = self.token_weight(canon, x)
+                if extra is not None:
+                    w = extra if w is None else w * extra
+            h.add(x, w)
+        return hook
+
+    def quantize_module(self, tower: str, path: str, inputs: list[torch.Tensor],
+                        masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Calibrate a module that is not a transformer block (a projector, a norm + LM head):
+        ``inputs`` are its positional inputs per batch; returns its quantized outputs."""
+        mod = self.load(path)
+        batches = [Batch(x, (), {}, m) for x, m in zip(inputs, masks)]
+        fp = self._collect_and_quantize(path, mod, batches)
+        outs = []
+        num = den = 0.0
+        with torch.no_grad():
+            for b, f in zip(batches, fp):
+                y = mod(b.hidden)
+                outs.append(y)
+                num += float(((y - f) ** 2).sum())
+                den += float((f ** 2).sum())
+        self.q.block_done(tower, 0, float(np.sqrt(num / max(den, 1e-30))))
+        self.lm.release(path)
+        return outs
+
+
+def _weight_name(path: str, name: str) -> str:
+    """Canonical weight name of the linear ``name`` inside the module at ``path`` ("" = itself)."""
+    return f"{path}.{name}.weight" if name else f"{path}.weight"
+
+
+def _token_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Padding mask [B, T] as Hessian token weights when it lines up with x [B, T, K]."""
+    if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]):
+        return None
+    return mask.to(x.dtype)
+
+
+def _bar(it, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="block", leave=True, dynamic_ncols=True)

@@ -1,0 +1,412 @@
+"""The export pipeline: plan every tensor's precision, calibrate, select (SHQ), write.
+
+    open_source -> resolve (tensor_map) -> plan -> [SHQ budget check] -> calibrate block by
+    block (recipes) storing packed tensors in a spool file -> SHQ selection -> format.write
+
+Packed tensors go to a spool file next to the output as they are produced, so memory does not
+grow with the model; format.write streams them into the final file (atomically) and the spool
+is deleted whatever happens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .. import format as fmt
+from .. import qtypes
+from .calib_data import load_calib
+from .calibrate import Calibrator
+from .config import ExportConfig, Method
+from .lazy import LazyModel
+from .quantize import Hessian, QuantResult, gptq, output_error, rtn
+from .recipes import RECIPES
+from .source import Source, open_source
+from .tensor_map import Kind, Mapped, resolve
+
+_QTYPE = {2: "q2", 3: "q3", 4: "q4", 8: "q8"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one tensor ends up: a qtype + group, or a raw float type."""
+
+    qtype: str          # q2/q3/q4/q8, or f16/f32
+    bits: int
+    group: int          # 0 for raw
+    note: str = ""      # why it differs from what the config asked, if it does
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        if self.qtype in ("f16", "f32"):
+            return int(np.prod(shape, dtype=np.int64)) * (2 if self.qtype == "f16" else 4)
+        n, k = shape
+        return qtypes.get(self.qtype).packed_size(n, k, self.group)
+
+
+@dataclass
+class LayerRow:
+    key: str
+    tower: str
+    kind: str
+    shape: tuple[int, ...]
+    target: Target
+    method: str
+    error: float | None = None          # relative output error on the calibration set (or weight error)
+    sensitivity: float | None = None    # SHQ: the low-bit relative output error
+    kept: bool = False                  # SHQ: promoted to keep_bits
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    file_bytes: int
+    n_params: int
+    bits_per_param: float
+    rows: list[LayerRow]
+    seconds: float
+    calib_peak_rss_mb: float
+    fake_quant: dict[str, np.ndarray] = field(default_factory=dict)  # only with keep_fake_quant=True
+
+
+# ------------------------------------------------------------------------------------------------
+class _Spool:
+    """Append-only temp file of packed blobs; blobs are read back as read-only memmaps."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.with_name(f".{out.name}.{os.getpid()}.spool")
+        self._f = open(self.path, "w+b")  # noqa: SIM115 - closed in close()
+        self._end = 0
+
+    def add(self, data: np.ndarray) -> tuple[int, int, np.dtype, tuple[int, ...]]:
+        shape = np.shape(data)  # before ascontiguousarray, which makes 0-d arrays 1-d
+        data = np.ascontiguousarray(data)
+        self._f.write(data.tobytes())
+        ref = (self._end, data.nbytes, data.dtype, shape)
+        self._end += data.nbytes
+        return ref
+
+    def view(self, ref) -> np.ndarray:
+        off, nbytes, dtype, shape = ref
+        self._f.flush()
+        if nbytes == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=off, shape=shape)
+
+    def close(self) -> None:
+        self._f.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+def _group_for(k: int, want: int) -> int | None:
+    for g in sorted({want, *qtypes.GROUP_SIZES}, reverse=True):
+        if g <= want and k % g == 0:
+            return g
+    return None
+
+
+def plan_target(m: Mapped, cfg: ExportConfig) -> Target:
+    e = m.entry
+    if e.kind is Kind.VECTOR:
+        return Target("f32", 32, 0)
+    if e.kind is Kind.DENSE:
+        return Target("f16", 16, 0)
+    tower_bits = cfg.effective_text_bits if e.tower == "text" else cfg.bits
+    bits = max(tower_bits, e.min_bits, 8 if e.kind is Kind.EMBED else 0)
+    if bits >= 16:
+        return Target("f16", 16, 0)
+    k = m.shape[1]
+    g = _group_for(k, cfg.group)
+    if g is None:
+        return Target("f16", 16, 0, f"in-features {k} is not a multiple of 32: kept float16")
+    note = f"group {g}: in-features {k} is not a multiple of {cfg.group}" if g != cfg.group else ""
+    if bits != tower_bits:
+        note = (note + "; " if note else "") + f"{bits}-bit minimum for this tensor"
+    return Target(_QTYPE[bits], bits, g, note)
+
+
+def _shq_candidate(m: Mapped, cfg: ExportConfig, low: Target) -> Target | None:
+    """SHQ may keep a vision linear layer at keep_bits instead of its low width."""
+    if cfg.method is not Method.SHQ or m.entry.kind is not Kind.LINEAR or m.entry.tower != "vision":
+        return None
+    if low.qtype in ("f16", "f32") or low.bits >= cfg.keep_bits:
+        return None
+    return Target("f16", 16, 0) if cfg.keep_bits == 16 else Target("q8", 8, low.group)
+
+
+# ------------------------------------------------------------------------------------------------
+class _ExportQuantizer:
+    """Implements calibrate.Quantizer: quantizes, spools, records."""
+
+    def __init__(self, cfg: ExportConfig, mapped: list[Mapped], spool: _Spool, keep_fake_quant: bool) -> None:
+        self.cfg, self.spool = cfg, spool
+        self.by_canon = {m.canonical: m for m in mapped}
+        self.targets = {m.key: plan_target(m, cfg) for m in mapped}
+        self.cands = {m.key: c for m in mapped if (c := _shq_candidate(m, cfg, self.targets[m.key])) is not None}
+        self.done: dict[str, tuple[Target, Any, dict]] = {}      # key -> (target, spool ref, extra)
+        self.alt: dict[str, tuple[Target, Any, dict]] = {}         # SHQ keep_bits candidates
+        self.rows: dict[str, LayerRow] = {}
+        self.block_errors: list[tuple[str, int, float]] = []
+        self.fake: dict[str, np.ndarray] | None = {} if keep_fake_quant else None
+
+    # -- calibrate.Quantizer ------------------------------------------------------------------------
+    def wants_hessian(self, canonical: str) -> bool:
+        m = self.by_canon.get(canonical)
+        return m is not None and m.entry.kind is Kind.LINEAR and self.targets[m.key].qtype.startswith("q")
+
+    def linear(self, canonical: str, w: torch.Tensor, hessian: Hessian | None) -> torch.Tensor:
+        m = self._mapped(canonical)
+        if m.entry.kind is not Kind.LINEAR:
+            raise RuntimeError(f"internal error: {canonical} is a {m.entry.kind.value}, not a linear weight")
+        return self._store_matrix(m, w.detach().to(torch.float32), hessian)
+
+    def stored(self, canonical: str, t: torch.Tensor) -> torch.Tensor:
+        m = self.by_canon.get(canonical)
+        if m is None:  # parameters outside the table (e.g. unused heads) are never in the file
+            return t.to(torch.float32)
+        if m.entry.kind is Kind.LINEAR:
+            return t.to(torch.float32)
+        if m.key in self.done:
+            return torch.from_numpy(self._fake_value(m))
+        return self._store_matrix(m, t.to(torch.float32), None)
+
+    def block_done(self, tower: str, index: int, rel_err: float) -> None:
+        self.block_errors.append((tower, index, rel_err))
+
+    # -- storage --------------------------------------------------------------------------------------
+    def _mapped(self, canonical: str) -> Mapped:
+        m = self.by_canon.get(canonical)
+        if m is None:
+            raise RuntimeError(f"internal error: {canonical} is not in the tensor table")
+        return m
+
+    def _store_matrix(self, m: Mapped, w: torch.Tensor, hessian: Hessian | None) -> torch.Tensor:
+        tgt = self.targets[m.key]
+        w = w.reshape(m.shape)
+        extra = {"src": m.ckpt, "kind": m.entry.kind.value, "tower": m.entry.tower}
+        if tgt.note:
+            extra["note"] = tgt.note
+        H = hessian.matrix() if hessian is not None and hessian.n_tokens > 0 else None
+        if tgt.qtype in ("f16", "f32"):
+            dt = np.float16 if tgt.qtype == "f16" else np.float32
+            arr = w.numpy().astype(dt)
+            deq = torch.from_numpy(arr.astype(np.float32))
+            self._put(m, tgt, arr, extra, "none", None, deq)
+            return deq
+        method = self._method(m, H)
+        res = self._quantize(w, tgt, method, H)
+        err = self._error(w, res.deq, H)
+        self._put(m, tgt, res.pack(), extra, method, err, res.deq)
+        cand = self.cands.get(m.key)
+        if cand is not None:
+            self.rows[m.key].sensitivity = err
+            if cand.qtype == "f16":
+                arr = w.numpy().astype(np.float16)
+                alt_deq, alt_blob = torch.from_numpy(arr.astype(np.float32)), arr
+            else:
+                alt = self._quantize(w, cand, method, H)
+                alt_deq, alt_blob = alt.deq, alt.pack()
+            aerr = self._error(w, alt_deq, H)
+            self.alt[m.key] = (cand, self.spool.add(alt_blob), {**extra, "method": method, "error": aerr})
+            if self.fake is not None:
+                self.fake[m.key + "#keep"] = alt_deq.numpy()
+        return res.deq
+
+    def _method(self, m: Mapped, H: torch.Tensor | None) -> str:
+        if m.entry.kind is Kind.EMBED or H is None or self.cfg.method is Method.RTN:
+            return "rtn+clip" if self.cfg.clip_search and m.entry.kind is Kind.LINEAR else "rtn"
+        return "gptq"
+
+    def _quantize(self, w: torch.Tensor, tgt: Target, method: str, H: torch.Tensor | None) -> QuantResult:
+        if method == "gptq":
+            return gptq(w, H, tgt.qtype, tgt.group, damp=self.cfg.damp, act_order=self.cfg.act_order,
+                        clip_search=self.cfg.clip_search)
+        h_diag = torch.diagonal(H).clone() if H is not None else None
+        return rtn(w, tgt.qtype, tgt.group, clip_search=method == "rtn+clip", h_diag=h_diag)
+
+    @staticmethod
+    def _error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor | None) -> float:
+        if H is not None:
+            err, energy = output_error(w, deq, H)
+            return float(err / energy) if energy > 0 else 0.0
+        den = float((w.double() ** 2).sum())
+        return float(((w.double() - deq.double()) ** 2).sum()) / den if den > 0 else 0.0
+
+    def _put(self, m: Mapped, tgt: Target, blob: np.ndarray, extra: dict, method: str, err: float | None,
+             deq: torch.Tensor) -> None:
+        if method != "none":
+            extra = {**extra, "method": method, "error": err}
+        self.done[m.key] = (tgt, self.spool.add(blob), extra)
+        self.rows[m.key] = LayerRow(m.key, m.entry.tower, m.entry.kind.value, m.shape, tgt, method, err)
+        if self.fake is not None:
+            self.fake[m.key] = deq.numpy().reshape(m.shape)
+
+    def _fake_value(self, m: Mapped) -> np.ndarray:
+        """What the file holds for an already stored tensor (a module loaded a second time)."""
+        if self.fake is not None:
+            return self.fake[m.key]
+        tgt, ref, _ = self.done[m.key]
+        blob = np.asarray(self.spool.view(ref))
+        if tgt.qtype in ("f16", "f32"):
+            return blob.astype(np.float32).reshape(m.shape)
+        return qtypes.get(tgt.qtype).dequantize(blob.reshape(-1), *m.shape, tgt.group)
+
+
+# ------------------------------------------------------------------------------------------------
+def _shq_select(q: _ExportQuantizer, mapped: list[Mapped], cfg: ExportConfig, budget: int | None) -> list[str]:
+    """Promote the most sensitive vision layers to keep_bits: all that fit in ``budget`` bytes,
+    or the top keep_frac of them when there is no budget.  Returns the promoted keys."""
+    cands = sorted(q.alt, key=lambda k: -(q.rows[k].sensitivity or 0.0))
+    if budget is None:
+        n = math.ceil(cfg.keep_frac * len(cands)) if cfg.keep_frac > 0 else 0
+        return cands[:n]
+    shapes = {m.key: m.shape for m in mapped}
+    total = sum(q.targets[m.key].nbytes(m.shape) for m in mapped)
+    chosen = []
+    for k in cands:
+        extra = q.alt[k][0].nbytes(shapes[k]) - q.targets[k].nbytes(shapes[k])
+        if total + extra <= budget:
+            total += extra
+            chosen.append(k)
+    return chosen
+
+
+def _budget_bytes(cfg: ExportConfig, n_params: int) -> int | None:
+    if cfg.budget_bits is not None:
+        return int(cfg.budget_bits * n_params / 8)
+    if cfg.budget_mb is not None:
+        return int(cfg.budget_mb * 1e6)
+    return None
+
+
+def _check_out(out: Path, src: Path) -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"output {out} is a directory; give a file name such as {out / 'model.evlm'}")
+    if out.resolve().is_relative_to(src.resolve()) and out.suffix != ".evlm":
+        raise ValueError(f"output {out} would write into the source model folder; give a name ending in .evlm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _metadata(source: Source, cfg: ExportConfig, calib, q: _ExportQuantizer, dropped: dict[str, str],
+              promoted: list[str], n_params: int, total: int) -> dict[str, Any]:
+    fam = source.family
+    tok = None
+    if source.tokenizer_json is not None:
+        tok = {"tensor": "tokenizer.json", "config": source.tokenizer_config, "special_tokens": source.special_tokens,
+               "chat_template": source.chat_template}
+    return {
+        "producer": f"edgevlm {__version__}",
+        "architecture": fam.architecture,
+        "family": fam.name,
+        "model_type": source.config.get("model_type"),
+        "config": source.config,
+        "preprocess": source.preprocessor,
+        "tokenizer": tok,
+        "generation_config": source.generation_config,
+        **({"extra": source.extra_files} if source.extra_files else {}),
+        "quantization": {**cfg.to_json(), "calibration": {"images": len(calib.images), "texts": len(calib.texts),
+                                                          "source": calib.source},
+                         "shq_kept": promoted, "n_params": n_params, "weight_bytes": total,
+                         "bits_per_param": 8 * total / max(n_params, 1),
+                         "block_errors": [{"tower": t, "block": i, "rel_err": e} for t, i, e in q.block_errors]},
+        "dropped": dropped,
+    }
+
+
+def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, log=None) -> ExportReport:
+    """See :func:`edgevlm.export.export`.  ``keep_fake_quant`` returns every tensor's
+    dequantized value (what the file holds) in the report, for tests."""
+    t0 = time.perf_counter()
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    source = open_source(src)
+    out = _check_out(Path(out), source.path)
+    mapped, dropped = resolve(source.family, source.shapes())
+    n_params = sum(int(np.prod(m.shape, dtype=np.int64)) for m in mapped)
+    budget = _budget_bytes(cfg, n_params)
+    probe = _ExportQuantizer(cfg, mapped, None, False)  # sizes only: targets are a pure plan
+    min_bytes = sum(probe.targets[m.key].nbytes(m.shape) for m in mapped)
+    if budget is not None and min_bytes > budget:
+        raise ValueError(f"size budget cannot be met: with every vision layer at {cfg.bits} bits and the text tower "
+                         f"at {cfg.effective_text_bits} bits the weights take {min_bytes / 1e6:.3f} MB = "
+                         f"{8 * min_bytes / n_params:.3f} bits/param, over the budget of {budget / 1e6:.3f} MB = "
+                         f"{8 * budget / n_params:.3f} bits/param; raise --budget-bits/--budget-mb or lower "
+                         "--bits/--text-bits")
+    log(f"edgevlm export: {source.family.architecture} from {source.path} ({n_params / 1e6:.2f} M parameters, "
+        f"{len(mapped)} tensors, {len(dropped)} dropped), method {cfg.method.value}, {cfg.bits}-bit "
+        f"(text {cfg.effective_text_bits}-bit), group {cfg.group}")
+    calib = load_calib(cfg.calib, n_images=cfg.n_calib, n_texts=cfg.n_calib, seed=cfg.seed)
+    spool = _Spool(out)
+    try:
+        q = _ExportQuantizer(cfg, mapped, spool, keep_fake_quant)
+        torch.manual_seed(cfg.seed)
+        lm = LazyModel(source)
+        cal = Calibrator(lm, q, cfg.batch_size, progress=cfg.progress)
+        with torch.no_grad():
+            RECIPES[source.family.name](cal, source, calib)
+            for m in mapped:  # tensors no block touched: final norms, projections, heads, scalars
+                if m.key not in q.done:
+                    q._store_matrix(m, torch.from_numpy(source.read(m.ckpt)), None)
+        del lm, cal
+        calib_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        promoted = _shq_select(q, mapped, cfg, budget) if q.alt else []
+        for k in promoted:
+            q.done[k] = q.alt[k]
+            row = q.rows[k]
+            row.target, row.kept, row.error = q.alt[k][0], True, q.alt[k][2]["error"]
+            if q.fake is not None:
+                q.fake[k] = q.fake[k + "#keep"]
+        if q.fake is not None:
+            for k in list(q.fake):
+                if k.endswith("#keep"):
+                    del q.fake[k]
+        blobs = []
+        for m in mapped:
+            tgt, ref, extra = q.done[m.key]
+            if m.key in q.alt:
+                extra = {**extra, "sensitivity": q.rows[m.key].sensitivity, "shq_kept": m.key in promoted}
+            blobs.append(fmt.TensorBlob(m.key, tgt.qtype, tgt.bits, tgt.group, m.shape, spool.view(ref), extra))
+        total = sum(b.data.nbytes for b in blobs)
+        if source.tokenizer_json is not None:
+            tj = np.frombuffer(source.tokenizer_json, dtype=np.uint8)
+            blobs.append(fmt.TensorBlob("tokenizer.json", "u8", 8, 0, tj.shape, tj, {"kind": "tokenizer"}))
+        meta = _metadata(source, cfg, calib, q, dropped, promoted, n_params, total)
+        fmt.write(out, meta, blobs)
+    finally:
+        spool.close()
+    rows = [q.rows[m.key] for m in mapped]
+    report = ExportReport(out, out.stat().st_size, n_params, 8 * total / n_params, rows,
+                          time.perf_counter() - t0, calib_peak, q.fake or {})
+    log(format_table(report, cfg))
+    return report
+
+
+def format_table(rep: ExportReport, cfg: ExportConfig) -> str:
+    """The per-layer precision table (quantizable tensors) and the totals."""
+    lines = [f"{'tensor':<42} {'shape':>13} {'type':>5} {'group':>5} {'method':>8} {'rel.err':>9} {'sens.':>9}"]
+    for r in rep.rows:
+        if r.kind not in ("linear", "embed"):
+            continue
+        sens = f"{r.sensitivity:.2e}" if r.sensitivity is not None else "-"
+        err = f"{r.error:.2e}" if r.error is not None else "-"
+        mark = " kept" if r.kept else ""
+        lines.append(f"{r.key:<42} {'x'.join(map(str, r.shape)):>13} {r.target.qtype:>5} "
+                     f"{r.target.group or '-':>5} {r.method:>8} {err:>9} {sens:>9}{mark}")
+    lines.append(f"wrote {rep.path}: {rep.file_bytes / 1e6:.3f} MB, {rep.n_params / 1e6:.3f} M params, "
+                 f"{rep.bits_per_param:.3f} bits/param, {rep.seconds:.1f} s, calibration peak RSS "
+                 f"{rep.calib_peak_rss_mb:.0f} MB")
+    return "\n".join(lines)
