@@ -1,0 +1,69 @@
+"""Evaluate an export with the reference implementation: the weights an ``.evlm`` file holds,
+dequantized to float32 and loaded back into the transformers model.
+
+This is "fake quantization" read from the real file: it measures exactly what the packed
+weights lose, independently of the edgevlm runtime's kernels (which add only activation
+rounding).  Export-side: imports torch / transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import format as fmt
+from .. import qtypes
+from .tensor_map import family_for
+
+
+def dequantized_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """{module parameter name: float32 array} for every weight in the file."""
+    out = {}
+    with fmt.open(path) as f:
+        fam = family_for(f.metadata["config"])
+        for name, rec in f.records.items():
+            src = rec.extra.get("src") if isinstance(rec.extra, dict) else None
+            if src is None:
+                continue  # tokenizer and other non-weight blobs
+            a = f[name]
+            if rec.quantized:
+                n, k = rec.shape
+                a = qtypes.get(rec.qtype).dequantize(np.asarray(a).reshape(-1), n, k, rec.group_size)
+            out[fam.canonical(src)] = np.array(a, dtype=np.float32).reshape(rec.shape)
+    return out
+
+
+def load_into_model(path: str | Path, model_dir: str | Path):
+    """The transformers model of ``model_dir`` with every parameter replaced by the file's
+    dequantized value.  Raises ValueError if the file lacks a parameter the model uses."""
+    import torch
+    import transformers
+
+    sd = dequantized_state_dict(path)
+    with fmt.open(path) as f:
+        arch = f.metadata["architecture"]
+        dropped = f.metadata.get("dropped", {})
+        fam = family_for(f.metadata["config"])
+    # dropped tensors (unused layers) keep the checkpoint's values: the forward never reads them
+    model = getattr(transformers, arch).from_pretrained(model_dir, dtype=torch.float32).eval()
+    dropped_canon = {fam.canonical(k) for k in dropped}
+    missing = []
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            if name in sd:
+                p.copy_(torch.from_numpy(sd[name]).reshape(p.shape))
+            elif name not in dropped_canon and not _tied(model, name):
+                missing.append(name)
+    if missing:
+        raise ValueError(f"{path}: no value for {len(missing)} parameter(s) of {arch}: {', '.join(missing[:6])}")
+    return model
+
+
+def _tied(model, name: str) -> bool:
+    """lm_head.weight shared with the input embeddings (tie_word_embeddings)."""
+    if name != "lm_head.weight":
+        return False
+    emb = model.get_input_embeddings()
+    return emb is not None and model.lm_head.weight is emb.weight
