@@ -31,18 +31,25 @@ def cmd_info(path: str) -> int:
 
     with fmt.open(path) as f:
         recs = list(f.records.values())
-        total = sum(r.nbytes for r in recs)
-        n_weights = sum(int(np.prod(r.shape)) for r in recs)
-        print(f"{path}: format v{f.version}, {len(recs)} tensors, {_human(total)} of tensor data")
+        # the tokenizer blob is not a parameter: leave it out of the bits/parameter average
+        weights = [r for r in recs if not (isinstance(r.extra, dict) and r.extra.get("kind") == "tokenizer")]
+        total = sum(r.nbytes for r in weights)
+        n_weights = sum(int(np.prod(r.shape)) for r in weights)
+        print(f"{path}: format v{f.version}, {len(recs)} tensors, {_human(sum(r.nbytes for r in recs))} of tensor data")
         arch = f.metadata.get("architecture") or f.metadata.get("model_type")
         if arch:
             print(f"architecture: {arch}")
-        rows = [("tensor", "qtype", "group", "shape", "bytes", "bits/w", "export err")]
+        q = f.metadata.get("quantization")
+        if isinstance(q, dict) and "method" in q:
+            print(f"quantization: {q['method']}, {q.get('bits')}-bit (text {q.get('text_bits')}-bit), group "
+                  f"{q.get('group')}, calibration {q.get('calibration', {}).get('source', '-')}")
+        rows = [("tensor", "qtype", "group", "shape", "bytes", "bits/w", "method", "export err")]
         for r in recs:
             numel = int(np.prod(r.shape)) or 1
             err = r.extra.get("error") if isinstance(r.extra, dict) else None
+            method = r.extra.get("method", "-") if isinstance(r.extra, dict) else "-"
             rows.append((r.name, r.qtype, str(r.group_size or "-"), "x".join(map(str, r.shape)) or "scalar",
-                         _human(r.nbytes), f"{8 * r.nbytes / numel:.2f}",
+                         _human(r.nbytes), f"{8 * r.nbytes / numel:.2f}", method,
                          f"{err:.3g}" if isinstance(err, (int, float)) else "-"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
