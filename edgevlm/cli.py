@@ -102,7 +102,10 @@ def _export_parser(sub) -> None:
                    help="shq without a budget: fraction of vision layers kept at --keep-bits")
     s.add_argument("--keep-bits", type=int, choices=(8, 16), default=d.keep_bits, help="shq: width of kept layers")
     s.add_argument("--clip-search", action="store_true", help="per-group range shrink search (rtn, gptq)")
-    s.add_argument("--act-order", action="store_true", help="gptq: quantize columns by descending Hessian diagonal")
+    s.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="gptq: quantize columns in their natural order instead of by descending Hessian diagonal")
+    s.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="gptq: take every Hessian of a block from one full-precision pass")
     s.add_argument("--damp", type=float, default=d.damp, help="gptq damping, fraction of the mean Hessian diagonal")
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration samples per forward pass")
     s.add_argument("--seed", type=int, default=d.seed)
@@ -116,6 +119,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        calib=args.calib, n_calib=args.n_calib, budget_bits=args.budget_bits,
                        budget_mb=args.budget_mb, keep_frac=args.keep_frac, keep_bits=args.keep_bits,
                        clip_search=args.clip_search, act_order=args.act_order, damp=args.damp,
+                       true_sequential=args.true_sequential,
                        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     try:
         from .export.pipeline import run_export

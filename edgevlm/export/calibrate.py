@@ -52,12 +52,14 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 
 class Calibrator:
     def __init__(self, lm: LazyModel, quantizer: Quantizer, batch_size: int, progress: bool = True,
-                 token_weight: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None) -> None:
+                 token_weight: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+                 sequential: bool = True) -> None:
         """``token_weight(canonical, x)`` may return per-token weights [B, T] for the Hessian of
         the linear ``canonical`` given its input x [B, T, K] (the hook later methods such as QIG
         and VEQ use to reweight H̃ = 2XᵀCX); padding stays excluded either way."""
         self.lm, self.q, self.batch_size, self.progress = lm, quantizer, batch_size, progress
         self.token_weight = token_weight
+        self.sequential = sequential
         tune_malloc()
 
     # ---- loading helpers ----------------------------------------------------------------------
@@ -110,34 +112,64 @@ class Calibrator:
         return batches, kept
 
     def _collect_and_quantize(self, path: str, block: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
-        """Full-precision pass with Hessian hooks, then quantize every linear of the block."""
-        linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-        hess: dict[str, Hessian] = {}
-        hooks = []
-        current: dict[str, torch.Tensor | None] = {"mask": None}
-        for name, m in linears.items():
-            canon = _weight_name(path, name)
-            if not self.q.wants_hessian(canon):
-                continue
-            hess[name] = Hessian(m.in_features)
-            hooks.append(m.register_forward_pre_hook(self._hook(hess[name], canon, current)))
-        outs = []
-        try:
-            for b in batches:
-                current["mask"] = b.mask
-                outs.append(call_block(block, b.hidden, b.args, b.kwargs))
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, m in linears.items():
-            canon = _weight_name(path, name)
-            deq = self.q.linear(canon, m.weight.data, hess.pop(name, None))
-            m.weight = nn.Parameter(deq, requires_grad=False)
-        return outs
+        """Quantize every linear of the block; returns the block's full-precision outputs.
 
-    def _hook(self, h: Hessian, canon: str, current: dict) -> Callable:
+        With ``sequential`` (GPTQ's "true sequential"), linears are quantized group by group in
+        the order the forward pass reaches them (q/k/v, then o, then fc1 / gate+up, then fc2 /
+        down; linears reading the same input tensor form one group), and each later group's
+        Hessian comes from a pass in which the earlier groups are already quantized, so it sees
+        the inputs it will get at run time.  One extra block pass per group."""
+        linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        todo = list(linears)
+        outs_fp: list[torch.Tensor] | None = None
+        while todo:
+            hess: dict[str, Hessian] = {}
+            order: list[tuple[str, int]] = []   # (linear, input data_ptr) in call order, first batch
+            hooks = []
+            current: dict[str, Any] = {"mask": None, "first": True}
+            for name in todo:
+                m = linears[name]
+                canon = _weight_name(path, name)
+                if self.q.wants_hessian(canon):
+                    hess[name] = Hessian(m.in_features)
+                hooks.append(m.register_forward_pre_hook(self._hook(hess.get(name), canon, current, name, order)))
+            outs = []
+            try:
+                for b in batches:
+                    current["mask"] = b.mask
+                    outs.append(call_block(block, b.hidden, b.args, b.kwargs))
+                    current["first"] = False
+            finally:
+                for h in hooks:
+                    h.remove()
+            if outs_fp is None:
+                outs_fp = outs
+            if self.sequential and order:
+                ptr = order[0][1]
+                group = [n for n, p in order if p == ptr]
+            else:
+                group = list(todo)
+            for name in group:
+                m = linears[name]
+                deq = self.q.linear(_weight_name(path, name), m.weight.data, hess.pop(name, None))
+                m.weight = nn.Parameter(deq, requires_grad=False)
+            todo = [n for n in todo if n not in group]
+            if not any(n in {o for o, _ in order} for n in todo):
+                group = list(todo)  # linears the forward never calls: no statistics to wait for
+                for name in group:
+                    m = linears[name]
+                    m.weight = nn.Parameter(self.q.linear(_weight_name(path, name), m.weight.data, None),
+                                            requires_grad=False)
+                todo = []
+        return outs_fp or []
+
+    def _hook(self, h: Hessian | None, canon: str, current: dict, name: str, order: list) -> Callable:
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach()
+            if current["first"]:
+                order.append((name, x.data_ptr()))
+            if h is None:
+                return
             w = _token_mask(current["mask"], x)
             if self.token_weight is not None:
                 extra = self.token_weight(canon, x)

@@ -56,6 +56,8 @@ class ExportConfig:
     keep_bits   precision of the layers SHQ keeps (8 or 16).
     clip_search per-group range shrink search minimising the reconstruction error (rtn, gptq).
     act_order   GPTQ column order by descending Hessian diagonal.
+    true_sequential  quantize a block's linears group by group in forward order, each group's
+                Hessian taken with the earlier groups already quantized (GPTQ's option).
     damp        GPTQ damping as a fraction of the mean Hessian diagonal.
     batch_size  calibration samples run through a block at once (memory vs speed).
     seed        calibration sampling / augmentation seed.
@@ -72,7 +74,8 @@ class ExportConfig:
     keep_frac: float = 0.1
     keep_bits: int = 8
     clip_search: bool = False
-    act_order: bool = False
+    act_order: bool = True
+    true_sequential: bool = True
     damp: float = 0.01
     batch_size: int = 8
     seed: int = 0
@@ -122,4 +125,5 @@ class ExportConfig:
                 "group": self.group, "calib": self.calib or "built-in", "n_calib": self.n_calib,
                 "budget_bits": self.budget_bits, "budget_mb": self.budget_mb, "keep_frac": self.keep_frac,
                 "keep_bits": self.keep_bits, "clip_search": self.clip_search, "act_order": self.act_order,
+                "true_sequential": self.true_sequential,
                 "damp": self.damp, "seed": self.seed}

@@ -356,7 +356,7 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
         q = _ExportQuantizer(cfg, mapped, spool, keep_fake_quant)
         torch.manual_seed(cfg.seed)
         lm = LazyModel(source)
-        cal = Calibrator(lm, q, cfg.batch_size, progress=cfg.progress)
+        cal = Calibrator(lm, q, cfg.batch_size, progress=cfg.progress, sequential=cfg.true_sequential)
         with torch.no_grad():
             RECIPES[source.family.name](cal, source, calib)
             for m in mapped:  # tensors no block touched: final norms, projections, heads, scalars
