@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import platform
 import sys
 import time
@@ -441,7 +442,9 @@ def bars(rows, group: int) -> list[str]:
 
 
 def write_results(path, args, info, bw, ort_bits, rows, runtime_s):
-    """Markdown report: machine, command, bandwidth, method, bars, tables."""
+    """Markdown report: machine, command, bandwidth, method, bars, tables.  Sections written by
+    other benchmarks into the same file are kept."""
+    path_text = open(path).read() if os.path.exists(path) else ""
     g = 128 if 128 in args.groups else args.groups[0]
     fl = ", ".join(f"{f}: {'yes' if v else 'no'}" for f, v in info["flags"].items())
     ver = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
@@ -480,7 +483,19 @@ def write_results(path, args, info, bw, ort_bits, rows, runtime_s):
         *bars(rows, g), "",
         "## Tables", "", *tables(rows, True, g)]
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + _other_sections(path_text))
+
+
+def _other_sections(text: str) -> str:
+    """Sections other benchmarks own in the same file ("## ... (bench_<name>.py)", e.g. the
+    export-quality table): kept verbatim when the kernel report is rewritten."""
+    keep, on = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            on = re.search(r"\(bench_\w+\.py\)\s*$", line) is not None and "bench_kernels" not in line
+        if on:
+            keep.append(line)
+    return ("\n" + "\n".join(keep) + "\n") if keep else ""
 
 
 def parse_args(argv=None):
