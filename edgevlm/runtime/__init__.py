@@ -9,6 +9,24 @@ from __future__ import annotations
 from .linear import QuantLinear
 
 
+def __getattr__(name: str):
+    # The dual encoder, preprocessing and tokenizer load lazily: `import edgevlm.runtime` stays
+    # numpy + the extension only (tokenizers / Pillow are imported when first used).
+    if name in ("DualEncoder", "load_dual"):
+        from . import dual
+
+        return getattr(dual, name)
+    if name == "ImagePreprocessor":
+        from .preprocess import ImagePreprocessor
+
+        return ImagePreprocessor
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+
+        return Tokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def kernel_info() -> dict:
     """Compiled and supported ISAs, the default one, CPU features and the thread count."""
     from .linear import _core
@@ -33,4 +51,5 @@ def set_num_threads(n: int) -> None:
         _core.set_num_threads(int(n))
 
 
-__all__ = ["QuantLinear", "kernel_info", "set_num_threads"]
+__all__ = ["DualEncoder", "ImagePreprocessor", "QuantLinear", "Tokenizer", "kernel_info", "load_dual",
+           "set_num_threads"]
