@@ -4,6 +4,8 @@
     edgevlm verify MODEL.evlm     check every tensor checksum (exit 1 on corruption)
     edgevlm kernels               compiled / supported ISAs, the default one, CPU features
     edgevlm export SRC -o OUT     quantize a Hugging Face model folder into an .evlm file
+    edgevlm classify MODEL IMGS   zero-shot classification of an image stream (CLIP/SigLIP), --adapt for Q-TTA
+    edgevlm embed MODEL           image / text embeddings to .npy or .json
 
 Each subcommand parses its flags and calls one function; errors print a one-line message
 and exit with status 2 (bad input) or 1 (corrupt file) instead of a traceback.
@@ -130,6 +132,120 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _image_paths(items: list[str]) -> list[str]:
+    """Files, folders (their images, sorted) and globs, in the order given."""
+    import glob
+    from pathlib import Path
+
+    out: list[str] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            found = sorted(str(q) for q in p.iterdir() if q.suffix.lower() in _IMAGE_EXTS)
+            if not found:
+                raise ValueError(f"{it}: folder has no images (expected {', '.join(_IMAGE_EXTS)})")
+            out += found
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            found = sorted(glob.glob(it))
+            if not found:
+                raise ValueError(f"{it}: no such file, folder or matching glob")
+            out += found
+    return out
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import time
+
+    from .runtime import load_dual, set_num_threads
+
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    if len(labels) < 2:
+        raise ValueError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
+    if "{}" not in args.prompt:
+        raise ValueError(f"--prompt must contain {{}} where the label goes, got {args.prompt!r}")
+    paths = _image_paths(args.images)
+    if args.threads:
+        set_num_threads(args.threads)
+    enc = load_dual(args.model)
+    text = enc.encode_text([args.prompt.format(x) for x in labels])
+    adapter = None
+    if args.adapt:
+        from .adapt import QTTA, QTTAConfig
+
+        adapter = QTTA(text, QTTAConfig(logit_scale=float(np.exp(enc.logit_scale))))
+    counts = dict.fromkeys(labels, 0)
+    rows, t0 = [], time.perf_counter()
+    for path in paths:
+        f = enc.encode_image(path)                       # [1, E] L2-normalised
+        logits = enc.logits(f, text)[0] if adapter is None else adapter(f[0])
+        prob = enc.probabilities(logits[None])[0]
+        k = int(np.argmax(logits))
+        counts[labels[k]] += 1
+        rows.append({"image": path, "label": labels[k], "prob": float(prob[k])})
+        if not args.json:
+            print(f"{path}\t{labels[k]}\t{prob[k]:.3f}", flush=True)
+    secs = time.perf_counter() - t0
+    summary = {"images": len(paths), "ms_per_image": 1000 * secs / max(len(paths), 1), "counts": counts}
+    if adapter is not None:
+        summary["adapter_bytes"] = adapter.nbytes
+    if args.json:
+        print(json.dumps({"predictions": rows, "summary": summary}, indent=1))
+    else:
+        print(f"{len(paths)} image(s), {summary['ms_per_image']:.1f} ms/image"
+              + (f", Q-TTA state {adapter.nbytes} bytes" if adapter is not None else "") + "; "
+              + ", ".join(f"{k}: {v}" for k, v in counts.items()), file=sys.stderr)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .runtime import load_dual
+
+    if not args.image and not args.text:
+        raise ValueError("give --image PATH... and/or --text STRING...")
+    enc = load_dual(args.model)
+    out: dict[str, np.ndarray] = {}
+    if args.image:
+        out["image"] = enc.encode_image(_image_paths(args.image))
+    if args.text:
+        out["text"] = enc.encode_text(args.text)
+    dest = Path(args.out)
+    if dest.suffix == ".json":
+        dest.write_text(json.dumps({k: v.tolist() for k, v in out.items()}))
+    elif dest.suffix == ".npy":
+        if len(out) != 1:
+            raise ValueError("a .npy file holds one array: give --image or --text, or write .npz / .json")
+        np.save(dest, next(iter(out.values())))
+    elif dest.suffix == ".npz":
+        np.savez(dest, **out)
+    else:
+        raise ValueError(f"--out must end in .npy, .npz or .json, got {dest.name!r}")
+    print(f"wrote {dest}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items()), file=sys.stderr)
+    return 0
+
+
+def _dual_parsers(sub) -> None:
+    s = sub.add_parser("classify", help="zero-shot classification of an image stream (CLIP/SigLIP .evlm)")
+    s.add_argument("model")
+    s.add_argument("images", nargs="+", help="image files, folders or globs, streamed in the order given")
+    s.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,dog,bird"')
+    s.add_argument("--prompt", default="a photo of a {}", help="prompt template; {} is the label")
+    s.add_argument("--adapt", action="store_true", help="LQA Q-TTA test-time adaptation over the stream")
+    s.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
+    s.add_argument("--json", action="store_true", help="print predictions and summary as JSON")
+    s = sub.add_parser("embed", help="L2-normalised image / text embeddings (CLIP/SigLIP .evlm)")
+    s.add_argument("model")
+    s.add_argument("--image", nargs="+", default=[], help="image files, folders or globs")
+    s.add_argument("--text", nargs="+", default=[], help="texts")
+    s.add_argument("-o", "--out", required=True, help="output .npy (one kind), .npz or .json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Quantized vision-language models on edge hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     sub.add_parser("kernels", help="print the kernel ISAs this build and CPU support")
     _export_parser(sub)
+    _dual_parsers(sub)
     return p
 
 
@@ -155,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_kernels()
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "classify":
+            return cmd_classify(args)
+        if args.command == "embed":
+            return cmd_embed(args)
     except FormatError as e:
         print(f"edgevlm {args.command}: {e}", file=sys.stderr)
         return 1
