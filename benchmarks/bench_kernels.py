@@ -492,7 +492,7 @@ def _other_sections(text: str) -> str:
     keep, on = [], False
     for line in text.splitlines():
         if line.startswith("## "):
-            on = re.search(r"\(bench_\w+\.py\)\s*$", line) is not None and "bench_kernels" not in line
+            on = re.search(r"\((bench|demo)_\w+\.py\)\s*$", line) is not None and "bench_kernels" not in line
         if on:
             keep.append(line)
     return ("\n" + "\n".join(keep) + "\n") if keep else ""
