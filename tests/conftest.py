@@ -34,3 +34,15 @@ def weights(rng: np.random.Generator, n: int, k: int, group: int) -> np.ndarray:
     if n > 3:
         w[3] = np.abs(w[3]) + 2.0
     return w
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test: tiny models are dominated by thread start-up, and on a
+    shared 2-core box two spinning threads run 10-20x slower than one."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -26,12 +26,8 @@ from edgevlm.export.pipeline import run_export  # noqa: E402
 
 pytestmark = pytest.mark.torch
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # A 22 M-parameter model on a shared 2-core box: 2 threads spin against other jobs (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(torch_one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 KEYS = {"model", "method", "bits", "group", "cosine", "cosine_min", "file_mb", "bits_per_param", "export_s"}

@@ -30,12 +30,8 @@ QUIET = dict(progress=False)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread start-up dominates, and 2 threads on a busy 2-core box are 20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(torch_one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _export(src, out, **kw):
