@@ -116,7 +116,7 @@ class Calibrator:
 
         With ``sequential`` (GPTQ's "true sequential"), linears are quantized group by group in
         the order the forward pass reaches them (q/k/v, then o, then fc1 / gate+up, then fc2 /
-        down; linears reading the same input tensor form one group), and each later group's
+        down; consecutive linears reading one input tensor form a group), and each later group's
         Hessian comes from a pass in which the earlier groups are already quantized, so it sees
         the inputs it will get at run time.  One extra block pass per group."""
         linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
@@ -124,9 +124,9 @@ class Calibrator:
         outs_fp: list[torch.Tensor] | None = None
         while todo:
             hess: dict[str, Hessian] = {}
-            order: list[tuple[str, int]] = []   # (linear, input data_ptr) in call order, first batch
+            order: list[tuple[str, bool]] = []  # (linear, same input as the previous call), first batch
             hooks = []
-            current: dict[str, Any] = {"mask": None, "first": True}
+            current: dict[str, Any] = {"mask": None, "first": True, "prev": None}
             for name in todo:
                 m = linears[name]
                 canon = _weight_name(path, name)
@@ -138,15 +138,18 @@ class Calibrator:
                 for b in batches:
                     current["mask"] = b.mask
                     outs.append(call_block(block, b.hidden, b.args, b.kwargs))
-                    current["first"] = False
+                    current["first"], current["prev"] = False, None
             finally:
                 for h in hooks:
                     h.remove()
             if outs_fp is None:
                 outs_fp = outs
             if self.sequential and order:
-                ptr = order[0][1]
-                group = [n for n, p in order if p == ptr]
+                group = [order[0][0]]  # the first linear reached, plus the run of calls on its input
+                for name, same in order[1:]:
+                    if not same:
+                        break
+                    group.append(name)
             else:
                 group = list(todo)
             for name in group:
@@ -167,7 +170,13 @@ class Calibrator:
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             if current["first"]:
-                order.append((name, x.data_ptr()))
+                # "Same input" = same storage as the previous linear's input, which is still
+                # referenced here, so its address cannot have been reused by a newer tensor
+                # (comparing addresses of freed tensors made the grouping allocator-dependent).
+                prev = current["prev"]
+                order.append((name, prev is not None and prev.data_ptr() == x.data_ptr()
+                              and prev.shape == x.shape))
+                current["prev"] = x
             if h is None:
                 return
             w = _token_mask(current["mask"], x)
