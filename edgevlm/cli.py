@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -276,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_classify(args)
         if args.command == "embed":
             return cmd_embed(args)
+    except BrokenPipeError:
+        # `edgevlm info x.evlm | head`: the reader left; stop quietly, as cat/ls do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except FormatError as e:
         print(f"edgevlm {args.command}: {e}", file=sys.stderr)
         return 1
