@@ -104,7 +104,11 @@ def _export_parser(sub) -> None:
     s.add_argument("--keep-frac", type=float, default=d.keep_frac,
                    help="shq without a budget: fraction of vision layers kept at --keep-bits")
     s.add_argument("--keep-bits", type=int, choices=(8, 16), default=d.keep_bits, help="shq: width of kept layers")
-    s.add_argument("--clip-search", action="store_true", help="per-group range shrink search (rtn, gptq)")
+    c = s.add_mutually_exclusive_group()
+    c.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,
+                   help="per-group range shrink search (default: on for gptq/shq, off for rtn)")
+    c.add_argument("--no-clip-search", dest="clip_search", action="store_false",
+                   help="plain min-max group ranges")
     s.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="gptq: quantize columns in their natural order instead of by descending Hessian diagonal")
     s.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",

@@ -227,13 +227,13 @@ class _ExportQuantizer:
 
     def _method(self, m: Mapped, H: torch.Tensor | None) -> str:
         if m.entry.kind is Kind.EMBED or H is None or self.cfg.method is Method.RTN:
-            return "rtn+clip" if self.cfg.clip_search and m.entry.kind is Kind.LINEAR else "rtn"
-        return "gptq"
+            return "rtn+clip" if self.cfg.effective_clip_search and m.entry.kind is Kind.LINEAR else "rtn"
+        return "gptq+clip" if self.cfg.effective_clip_search else "gptq"
 
     def _quantize(self, w: torch.Tensor, tgt: Target, method: str, H: torch.Tensor | None) -> QuantResult:
-        if method == "gptq":
+        if method.startswith("gptq"):
             return gptq(w, H, tgt.qtype, tgt.group, damp=self.cfg.damp, act_order=self.cfg.act_order,
-                        clip_search=self.cfg.clip_search)
+                        clip_search=self.cfg.effective_clip_search)
         h_diag = torch.diagonal(H).clone() if H is not None else None
         return rtn(w, tgt.qtype, tgt.group, clip_search=method == "rtn+clip", h_diag=h_diag)
 
