@@ -218,42 +218,6 @@ def encode(model, tok, sentences: list[str], batch_size: int = 32) -> np.ndarray
     return torch.cat(out).numpy().astype(np.float32)
 
 
-def file_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{model parameter name: float32 array} for every weight record of an .evlm file.
-
-    Quantized records are dequantized with edgevlm.qtypes; raw ones (f16/f32) are cast to
-    float32.  Names come from each record's ``extra["src"]`` (checkpoint name), canonicalised
-    by the family table (e.g. a ``bert.`` prefix dropped).  Only the tokenizer blob is skipped;
-    any other record without a source name, or two records with one name, is an error."""
-    from edgevlm import format as fmt
-    from edgevlm import qtypes
-    from edgevlm.export.tensor_map import family_for
-
-    out: dict[str, np.ndarray] = {}
-    with fmt.open(path) as f:
-        fam = family_for(f.metadata["config"])
-        for name, rec in f.records.items():
-            extra = rec.extra if isinstance(rec.extra, dict) else {}
-            if name == "tokenizer.json" or extra.get("kind") == "tokenizer":
-                continue
-            src = extra.get("src")
-            if not src:
-                raise ValueError(f"{path}: record {name!r} ({rec.qtype}) has no extra['src'] source name")
-            key = fam.canonical(src)
-            if key in out:
-                raise ValueError(f"{path}: two records map to parameter {key!r}")
-            blob = f[name]
-            if rec.quantized:
-                if len(rec.shape) != 2:
-                    raise ValueError(f"{path}: quantized record {name!r} has shape {rec.shape}, not [N, K]")
-                n, k = rec.shape
-                a = qtypes.get(rec.qtype).dequantize(np.asarray(blob).reshape(-1), n, k, rec.group_size)
-            else:
-                a = np.asarray(blob)
-            out[key] = np.array(a, dtype=np.float32).reshape(rec.shape)  # copy: the mmap view is read-only
-    return out
-
-
 def reload_model(path: str | os.PathLike, model_dir: Path):
     """A fresh ``BertModel(config)`` (config of ``model_dir``) with every parameter set from the
     .evlm file ``path``.  ValueError if the file lacks a parameter, has a tensor the model does not,
@@ -261,7 +225,9 @@ def reload_model(path: str | os.PathLike, model_dir: Path):
     import torch
     from transformers import BertConfig, BertModel
 
-    sd = file_state_dict(path)
+    from edgevlm.export.evaluate import dequantized_state_dict
+
+    sd = dequantized_state_dict(path)
     config = BertConfig.from_pretrained(str(model_dir))
     model = BertModel(config).to(torch.float32).eval()
     params = dict(model.named_parameters())

@@ -18,19 +18,31 @@ from .tensor_map import family_for
 
 
 def dequantized_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """{module parameter name: float32 array} for every weight in the file."""
+    """{module parameter name: float32 array} for every weight in the file.
+
+    Names come from each record's ``extra["src"]`` (checkpoint name), canonicalised by the
+    family table.  Only the tokenizer blob is skipped; any other record without a source name,
+    or two records mapping to one parameter, is a ValueError."""
     out = {}
     with fmt.open(path) as f:
         fam = family_for(f.metadata["config"])
         for name, rec in f.records.items():
-            src = rec.extra.get("src") if isinstance(rec.extra, dict) else None
-            if src is None:
-                continue  # tokenizer and other non-weight blobs
+            extra = rec.extra if isinstance(rec.extra, dict) else {}
+            if name == "tokenizer.json" or extra.get("kind") == "tokenizer":
+                continue
+            src = extra.get("src")
+            if not src:
+                raise ValueError(f"{path}: record {name!r} ({rec.qtype}) has no extra['src'] source name")
+            key = fam.canonical(src)
+            if key in out:
+                raise ValueError(f"{path}: two records map to parameter {key!r}")
             a = f[name]
             if rec.quantized:
+                if len(rec.shape) != 2:
+                    raise ValueError(f"{path}: quantized record {name!r} has shape {rec.shape}, not [N, K]")
                 n, k = rec.shape
                 a = qtypes.get(rec.qtype).dequantize(np.asarray(a).reshape(-1), n, k, rec.group_size)
-            out[fam.canonical(src)] = np.array(a, dtype=np.float32).reshape(rec.shape)
+            out[key] = np.array(a, dtype=np.float32).reshape(rec.shape)  # copy: the mmap view is read-only
     return out
 
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .source import _read_json_or_empty, pil_image_processor
+
 __all__ = ["DEFAULT_PROMPTS", "DEFAULT_TEXTS", "SUPPORTED", "synthetic_images", "write_golden"]
 
 SUPPORTED = ("clip", "siglip", "llava", "bert")
@@ -48,9 +50,6 @@ SUPPORTED = ("clip", "siglip", "llava", "bert")
 DEFAULT_TEXTS = ["a photo of a cat", "a diagram of a neural network", "two people walking on the beach"]
 DEFAULT_PROMPTS = ["What is shown in this image?", "Describe the image briefly.", "What color is the car?"]
 
-# image_processor_type / vision model type -> the PIL image processor class (torchvision-free)
-_PIL_BY_MODEL_TYPE = {"clip": "CLIPImageProcessorPil", "clip_vision_model": "CLIPImageProcessorPil",
-                      "siglip": "SiglipImageProcessorPil", "siglip_vision_model": "SiglipImageProcessorPil"}
 
 
 def synthetic_images() -> list:
@@ -67,39 +66,6 @@ def synthetic_images() -> list:
     r = np.hypot(x - 31.5, y - 24.5)
     rings = np.stack([127.5 + 127.5 * np.sin(r / 2.0), 127.5 + 127.5 * np.cos(r / 3.0), 255 - r * 3], -1)
     return [Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "RGB") for a in (grad, board, rings)]
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _pil_image_processor(model_dir: Path, vision_type: str):
-    """The ``*ImageProcessorPil`` class named in preprocessor_config.json (``CLIPImageProcessor``,
-    ``CLIPImageProcessorFast`` and ``CLIPImageProcessorPil`` all mean ``CLIPImageProcessorPil``),
-    else the one matching the vision model type, loaded from the folder."""
-    import transformers
-
-    cfg = _read_json(model_dir / "preprocessor_config.json") or \
-        _read_json(model_dir / "processor_config.json").get("image_processor", {})
-    if not cfg:
-        raise ValueError(f"{model_dir}: no preprocessor_config.json (nor an image_processor in "
-                         "processor_config.json); cannot preprocess images")
-    names = []
-    named = cfg.get("image_processor_type")
-    if named:
-        base = named
-        for suffix in ("Fast", "Pil"):
-            if base.endswith(suffix):
-                base = base[: -len(suffix)]
-        names.append(base + "Pil")
-    if vision_type in _PIL_BY_MODEL_TYPE:
-        names.append(_PIL_BY_MODEL_TYPE[vision_type])
-    for name in names:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls.from_pretrained(str(model_dir))
-    raise ValueError(f"{model_dir}: no PIL image processor for image_processor_type={named!r} "
-                     f"(vision model type {vision_type!r}); tried {names}")
 
 
 def _raw_images(images: list, out: dict) -> list[list[int]]:
@@ -119,7 +85,7 @@ def _np(t) -> np.ndarray:
 
 
 def _model_type(model_dir: Path) -> tuple[str, dict]:
-    cfg = _read_json(model_dir / "config.json")
+    cfg = _read_json_or_empty(model_dir / "config.json")
     if not cfg:
         raise ValueError(f"{model_dir}: no config.json; not a Hugging Face model folder")
     mt = cfg.get("model_type")
@@ -137,7 +103,7 @@ def _dual_encoder(model_dir: Path, mt: str, images: list, texts: list[str], out:
         raise ValueError(f"a {mt} golden needs at least one image and one text")
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    improc = _pil_image_processor(model_dir, mt)
+    improc = pil_image_processor(model_dir, mt)
     pixel_values = improc(images=images, return_tensors="pt")["pixel_values"].to(torch.float32)
     if mt == "siglip":
         max_len = min(int(tok.model_max_length), int(model.config.text_config.max_position_embeddings))
@@ -175,9 +141,9 @@ def _llava_processor(model_dir: Path, cfg: dict):
 
     vcfg = cfg.get("vision_config") or {}
     vtype = vcfg.get("model_type", "clip_vision_model")
-    pcfg = _read_json(model_dir / "processor_config.json")
+    pcfg = _read_json_or_empty(model_dir / "processor_config.json")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    improc = _pil_image_processor(model_dir, vtype)
+    improc = pil_image_processor(model_dir, vtype)
     template = pcfg.get("chat_template") or getattr(tok, "chat_template", None)
     if template is None and (model_dir / "chat_template.jinja").is_file():
         template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")

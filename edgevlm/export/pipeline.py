@@ -339,8 +339,7 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
     mapped, dropped = resolve(source.family, source.shapes())
     n_params = sum(int(np.prod(m.shape, dtype=np.int64)) for m in mapped)
     budget = _budget_bytes(cfg, n_params)
-    probe = _ExportQuantizer(cfg, mapped, None, False)  # sizes only: targets are a pure plan
-    min_bytes = sum(probe.targets[m.key].nbytes(m.shape) for m in mapped)
+    min_bytes = sum(plan_target(m, cfg).nbytes(m.shape) for m in mapped)  # every vision layer low
     if budget is not None and min_bytes > budget:
         raise ValueError(f"size budget cannot be met: with every vision layer at {cfg.bits} bits and the text tower "
                          f"at {cfg.effective_text_bits} bits the weights take {min_bytes / 1e6:.3f} MB = "

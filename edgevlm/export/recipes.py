@@ -14,24 +14,13 @@ import torch
 
 from .calib_data import CalibSet
 from .calibrate import Calibrator, chunks
-from .source import Source
+from .source import Source, pil_image_processor
 
 
 def image_processor(source: Source):
     """The model's own image processor, PIL backend (torchvision is not required)."""
-    import transformers
-
-    t = (source.preprocessor or {}).get("image_processor_type") or ""
-    base = t.removesuffix("Fast").removesuffix("Pil")
-    for name in (base + "Pil", base, t):
-        cls = getattr(transformers, name, None) if name else None
-        if cls is not None:
-            try:
-                return cls.from_pretrained(source.path)
-            except ImportError:  # a torchvision-backed class; try the next spelling
-                continue
-    raise ValueError(f"{source.path}: image processor {t!r} from preprocessor_config.json is not available "
-                     "in this transformers install")
+    vision_type = (source.config.get("vision_config") or {}).get("model_type") or source.config.get("model_type", "")
+    return pil_image_processor(source.path, vision_type)
 
 
 def tokenizer(source: Source):

@@ -203,3 +203,41 @@ def _convert_tokenizer(path: Path) -> bytes:
         raise ValueError(f"{path}: no tokenizer.json and transformers could not build a fast tokenizer from "
                          f"the folder ({type(e).__name__}: {e}); save the tokenizer with "
                          "`AutoTokenizer.from_pretrained(...).save_pretrained(DIR)`") from None
+
+
+# vision model type -> the PIL image processor class (torchvision-free)
+_PIL_BY_MODEL_TYPE = {"clip": "CLIPImageProcessorPil", "clip_vision_model": "CLIPImageProcessorPil",
+                      "siglip": "SiglipImageProcessorPil", "siglip_vision_model": "SiglipImageProcessorPil"}
+
+
+def _read_json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def pil_image_processor(model_dir: Path, vision_type: str = ""):
+    """The ``*ImageProcessorPil`` class named in preprocessor_config.json (``CLIPImageProcessor``,
+    ``CLIPImageProcessorFast`` and ``CLIPImageProcessorPil`` all mean ``CLIPImageProcessorPil``),
+    else the one matching the vision model type, loaded from the folder."""
+    import transformers
+
+    cfg = _read_json_or_empty(model_dir / "preprocessor_config.json") or \
+        _read_json_or_empty(model_dir / "processor_config.json").get("image_processor", {})
+    if not cfg:
+        raise ValueError(f"{model_dir}: no preprocessor_config.json (nor an image_processor in "
+                         "processor_config.json); cannot preprocess images")
+    names = []
+    named = cfg.get("image_processor_type")
+    if named:
+        base = named
+        for suffix in ("Fast", "Pil"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+        names.append(base + "Pil")
+    if vision_type in _PIL_BY_MODEL_TYPE:
+        names.append(_PIL_BY_MODEL_TYPE[vision_type])
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls.from_pretrained(str(model_dir))
+    raise ValueError(f"{model_dir}: no PIL image processor for image_processor_type={named!r} "
+                     f"(vision model type {vision_type!r}); tried {names}")
