@@ -191,4 +191,17 @@ def run_text_encoder(cal: Calibrator, source: Source, calib: CalibSet) -> None:
     cal.run_tower("text", tt["blocks"], tt["n"], batches)
 
 
-RECIPES = {"clip": run_dual_encoder, "siglip": run_dual_encoder, "llava": run_llava, "bert": run_text_encoder}
+def _lazy(module: str, fn: str):
+    """A recipe that lives in its own module (imported on first use)."""
+    def run(cal: Calibrator, source: Source, calib: CalibSet) -> None:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), fn)(cal, source, calib)
+    run.__name__ = fn
+    return run
+
+
+#: Family.name -> recipe
+RECIPES = {"clip": run_dual_encoder, "siglip": run_dual_encoder, "llava": run_llava, "bert": run_text_encoder,
+           "qwen2_vl": _lazy("recipe_qwen2vl", "run_qwen2vl"), "qwen2_5_vl": _lazy("recipe_qwen2vl", "run_qwen2vl"),
+           "idefics3": _lazy("recipe_idefics3", "run_idefics3"), "smolvlm": _lazy("recipe_idefics3", "run_idefics3")}

@@ -146,7 +146,7 @@ def open_source(src: str | Path) -> Source:
             locs[k] = v
 
     s = Source(path, config, family, locs)
-    vision = family.name in ("clip", "siglip", "llava")
+    vision = family.name != "bert"  # every other family sees images
     pre = path / "preprocessor_config.json"
     if pre.is_file():
         s.preprocessor = _load_json(pre, "preprocessor_config.json")
@@ -158,6 +158,9 @@ def open_source(src: str | Path) -> Source:
     gen = path / "generation_config.json"
     if gen.is_file():
         s.generation_config = _load_json(gen, "generation_config.json")
+    proc = path / "processor_config.json"  # processor-level settings (image token counts, image_seq_len, ...)
+    if proc.is_file():
+        s.extra_files["processor_config"] = _load_json(proc, "processor_config.json")
     pooling = path / "1_Pooling" / "config.json"  # sentence-transformers layout
     if pooling.is_file():
         s.extra_files["sentence_transformers_pooling"] = _load_json(pooling, "1_Pooling/config.json")

@@ -326,16 +326,32 @@ def bert_family(cfg: dict) -> Family:
                   towers={"text": {"blocks": "encoder.layer", "n": d["tL"]}})
 
 
+def _lazy(module: str, fn: str):
+    """A table builder that lives in its own module (imported on first use; it imports this one)."""
+    def build(cfg: dict) -> Family:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), fn)(cfg)
+    build.__name__ = fn
+    return build
+
+
 #: architecture (config.json "architectures"[0]) -> table builder
 FAMILIES = {
     "CLIPModel": clip_family,
     "SiglipModel": siglip_family,
     "LlavaForConditionalGeneration": llava_family,
     "BertModel": bert_family,
+    "Qwen2VLForConditionalGeneration": _lazy("tm_qwen2vl", "qwen2vl_family"),
+    "Qwen2_5_VLForConditionalGeneration": _lazy("tm_qwen2vl", "qwen2vl_family"),
+    "Idefics3ForConditionalGeneration": _lazy("tm_idefics3", "idefics3_family"),
+    "SmolVLMForConditionalGeneration": _lazy("tm_idefics3", "idefics3_family"),
 }
 #: model_type fallback when "architectures" is missing
 MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "llava": "LlavaForConditionalGeneration",
-               "bert": "BertModel"}
+               "bert": "BertModel", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+               "smolvlm": "SmolVLMForConditionalGeneration"}
 
 
 def family_for(cfg: dict) -> Family:
