@@ -18,6 +18,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('runtime imported forbidden module ' + name)
 sys.meta_path.insert(0, Block())
 import edgevlm, edgevlm.runtime, edgevlm.format, edgevlm.qtypes, edgevlm._core
+import edgevlm.runtime.vlm, edgevlm.runtime.decoder, edgevlm.runtime.llava, edgevlm.runtime.chat, edgevlm.runtime.dual
 import numpy as np
 from edgevlm import qtypes
 from edgevlm.runtime import QuantLinear

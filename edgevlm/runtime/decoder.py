@@ -1,0 +1,234 @@
+"""Llama / Qwen2-family decoder-only language model on the edgevlm kernels (numpy; never torch).
+
+    dec = Decoder(f, text_config)                 # f: an open EvlmFile, keys text.* / lm_head.*
+    cache = dec.new_cache(ctx=2048)               # preallocated K/V for 2048 positions
+    logits = dec.forward(dec.embed(ids), cache)   # prefill: every linear is one GEMM over T rows
+    logits = dec.forward(dec.embed([tok]), cache) # decode: GEMV, attends to the cached keys
+
+What runs is transformers' ``LlamaModel`` / ``Qwen2Model`` (and the Qwen2-VL text model):
+``x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)))``; ``x += down(silu(gate(n2 x)) * up(n2 x))``;
+final RMSNorm; LM head (its own packed matrix, or the packed token-embedding table when tied:
+the q8 table's planar layout is a linear layer's, so the same kernel runs it).
+
+RoPE: ``rope_parameters`` (transformers 5) or the older ``rope_theta``/``rope_scaling`` keys;
+types default, linear and llama3; ``mrope_section`` (Qwen2-VL) takes positions [3, T] (t, h, w)
+and gives each rotary frequency the position of its section, as transformers'
+``apply_multimodal_rotary_pos_emb`` does.
+
+KV cache: float32 [layers][Hkv, ctx, hd] for K and V, allocated once (``np.zeros``, so pages
+the sequence never reaches are never touched); a prompt that does not fit is a ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .layers import Embedding, Linear, get_activation, rms_norm, vector
+from .linear import QuantLinear
+
+__all__ = ["Decoder", "KVCache", "rope_inv_freq"]
+
+F32 = np.float32
+
+
+def _rope_params(c: dict) -> dict:
+    """Merged rope settings: transformers 5 ``rope_parameters`` over the legacy keys."""
+    p = dict(c.get("rope_scaling") or {})
+    if c.get("rope_theta") is not None:
+        p.setdefault("rope_theta", c["rope_theta"])
+    p.update(c.get("rope_parameters") or {})
+    if "type" in p and "rope_type" not in p:
+        p["rope_type"] = p["type"]
+    p.setdefault("rope_type", "default")
+    p.setdefault("rope_theta", 10000.0)
+    return p
+
+
+def rope_inv_freq(c: dict, head_dim: int) -> np.ndarray:
+    """Inverse frequencies float32 [rot/2] as transformers computes them (float32 arithmetic)."""
+    p = _rope_params(c)
+    rot = int(head_dim * float(p.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) or 1.0))
+    base = float(p["rope_theta"])
+    inv = (F32(1.0) / (F32(base) ** (np.arange(0, rot, 2, dtype=np.int64).astype(F32) / F32(rot)))).astype(F32)
+    kind = p["rope_type"]
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / F32(p["factor"])).astype(F32)
+    if kind == "llama3":
+        factor, lo, hi = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+        old = float(p.get("original_max_position_embeddings") or c.get("max_position_embeddings"))
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv.astype(np.float64)
+        scaled = np.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        return np.where(medium, smoothed, scaled).astype(F32)
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, float32 [Hkv, ctx, hd] each; ``length`` positions filled."""
+
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+    ctx: int
+    length: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class _Layer:
+    def __init__(self, f: Any, p: str, eps: float, isa: str | None) -> None:
+        self.n1 = vector(f, f"{p}.norm1.weight")
+        self.n2 = vector(f, f"{p}.norm2.weight")
+        self.q, self.k, self.v, self.o = (Linear.from_file(f, f"{p}.attn.{x}", isa=isa) for x in "qkvo")
+        self.gate, self.up, self.down = (Linear.from_file(f, f"{p}.mlp.{x}", isa=isa) for x in ("gate", "up", "down"))
+        self.eps = eps
+
+
+class Decoder:
+    """The language model of a generative export: ids/embeddings -> next-token logits."""
+
+    def __init__(self, f: Any, text_config: dict, *, isa: str | None = None) -> None:
+        c = dict(text_config)
+        try:
+            self.dim = int(c["hidden_size"])
+            self.n_heads = int(c["num_attention_heads"])
+            self.n_layers = int(c["num_hidden_layers"])
+        except KeyError as e:
+            raise ValueError(f"text config lacks {e.args[0]!r}; is this a complete generative export?") from None
+        self.n_kv = int(c.get("num_key_value_heads") or self.n_heads)
+        self.head_dim = int(c.get("head_dim") or self.dim // self.n_heads)
+        if self.n_heads % self.n_kv:
+            raise ValueError(f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv}")
+        self.eps = float(c.get("rms_norm_eps", 1e-6))
+        self.act = get_activation(c.get("hidden_act", "silu"))
+        self.config = c
+        self.inv_freq = rope_inv_freq(c, self.head_dim)                   # [rot/2]
+        self.rot = 2 * self.inv_freq.size
+        self.mrope = _rope_params(c).get("mrope_section")
+        if self.mrope is not None:
+            self.mrope = [int(s) for s in self.mrope]
+            if sum(self.mrope) != self.inv_freq.size:
+                raise ValueError(f"mrope_section {self.mrope} must sum to head_dim/2 = {self.inv_freq.size}")
+            # frequency j takes the position of section sec[j] (0: t, 1: h, 2: w)
+            self._sec = np.repeat(np.arange(3), self.mrope)
+        self.max_positions = int(c.get("max_position_embeddings") or 0) or None
+        self.tok = Embedding.from_file(f, "text.embed.tok")
+        self.vocab = self.tok.v
+        self.layers = [_Layer(f, f"text.blocks.{i}", self.eps, isa) for i in range(self.n_layers)]
+        self.norm = vector(f, "text.norm.weight")
+        if "lm_head.weight" in f.records:
+            self.head = Linear.from_file(f, "lm_head", isa=isa)
+        else:  # tied: the embedding table is the head
+            rec = f.records["text.embed.tok"]
+            if rec.quantized:
+                self.head = Linear(quant=QuantLinear(f["text.embed.tok"], rec.qtype, *rec.shape, rec.group_size),
+                                   isa=isa)
+            else:
+                self.head = Linear(weight=vector(f, "text.embed.tok"))
+        if self.head.n != self.vocab or self.head.k != self.dim:
+            raise ValueError(f"LM head is {self.head.n}x{self.head.k}, expected {self.vocab}x{self.dim}")
+
+    # ------------------------------------------------------------------------------------------
+    def embed(self, ids: Any) -> np.ndarray:
+        """int ids [T] -> float32 [T, D] (rows dequantized from the file)."""
+        return self.tok(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+    def new_cache(self, ctx: int) -> KVCache:
+        ctx = int(ctx)
+        if ctx < 1:
+            raise ValueError(f"ctx must be a positive number of tokens, got {ctx}")
+        shape = (self.n_kv, ctx, self.head_dim)
+        return KVCache([np.zeros(shape, F32) for _ in range(self.n_layers)],
+                       [np.zeros(shape, F32) for _ in range(self.n_layers)], ctx)
+
+    def kv_bytes(self, ctx: int) -> int:
+        return 2 * self.n_layers * self.n_kv * int(ctx) * self.head_dim * 4
+
+    def _cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """positions int [T] or [3, T] -> cos, sin float32 [T, rot] (frequencies repeated twice)."""
+        pos = np.asarray(positions)
+        if self.mrope is not None:
+            if pos.ndim == 1:
+                pos = np.broadcast_to(pos, (3, pos.size))
+            freqs = pos[self._sec, :].T.astype(F32) * self.inv_freq       # [T, rot/2]
+        else:
+            if pos.ndim != 1:
+                raise ValueError(f"positions must be int [T] for this model, got shape {pos.shape}")
+            freqs = pos.astype(F32)[:, None] * self.inv_freq[None, :]     # [T, rot/2]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb).astype(F32), np.sin(emb).astype(F32)
+
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x [H, T, hd]: x * cos + rotate_half(x) * sin on the first ``rot`` dims."""
+        r, h = self.rot, self.rot // 2
+        xr = x[..., :r]
+        rot = np.concatenate([-xr[..., h:], xr[..., :h]], axis=-1)
+        out = xr * cos + rot * sin
+        return out if r == x.shape[-1] else np.concatenate([out, x[..., r:]], axis=-1)
+
+    def forward(self, x: np.ndarray, cache: KVCache, positions: np.ndarray | None = None, *,
+                all_logits: bool = False) -> np.ndarray:
+        """Append T tokens (embeddings x [T, D]) to ``cache`` and return logits float32 [V] of the
+        last token, or [T, V] with ``all_logits``.  ``positions``: int [T] or (mrope) [3, T];
+        default ``cache.length + arange(T)``."""
+        x = np.asarray(x, dtype=F32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"decoder input must be [T, {self.dim}] float32, got {x.shape}")
+        t, start = x.shape[0], cache.length
+        if start + t > cache.ctx:
+            raise ValueError(f"the sequence needs {start + t} positions but the context holds {cache.ctx} "
+                             f"(prompt/generation too long); raise ctx (--ctx) or shorten the prompt")
+        if positions is None:
+            positions = np.arange(start, start + t)
+        cos, sin = self._cos_sin(positions)
+        hq, hkv, hd = self.n_heads, self.n_kv, self.head_dim
+        rep = hq // hkv
+        end = start + t
+        # causal mask over the cached + new keys: query i (absolute start+i) sees keys <= start+i
+        mask = None
+        if t > 1:
+            mask = np.arange(end)[None, :] > (start + np.arange(t))[:, None]  # [T, end] True = masked
+        scale = F32(hd ** -0.5)
+        for li, L in enumerate(self.layers):
+            h = rms_norm(x, L.n1, self.eps)                                  # [T, D]
+            q = L.q(h).reshape(t, hq, hd).transpose(1, 0, 2)                 # [Hq, T, hd]
+            k = L.k(h).reshape(t, hkv, hd).transpose(1, 0, 2)                # [Hkv, T, hd]
+            v = L.v(h).reshape(t, hkv, hd).transpose(1, 0, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            kc, vc = cache.k[li], cache.v[li]
+            kc[:, start:end] = k
+            vc[:, start:end] = v
+            qg = q.reshape(hkv, rep * t, hd)                                 # query heads grouped by kv head
+            s = np.matmul(qg, kc[:, :end].transpose(0, 2, 1))                # [Hkv, rep*T, end]
+            s *= scale
+            if mask is not None:
+                s = s.reshape(hkv, rep, t, end)
+                s[:, :, mask] = np.finfo(F32).min
+                s = s.reshape(hkv, rep * t, end)
+            s -= s.max(-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(-1, keepdims=True)
+            a = np.matmul(s, vc[:, :end])                                    # [Hkv, rep*T, hd]
+            a = a.reshape(hq, t, hd).transpose(1, 0, 2).reshape(t, hq * hd)
+            x = x + L.o(a)
+            h = rms_norm(x, L.n2, self.eps)
+            x = x + L.down(self.act(L.gate(h)) * L.up(h))
+        cache.length = end
+        if not all_logits:
+            x = x[-1:]
+        logits = self.head(rms_norm(x, self.norm, self.eps))
+        return logits if all_logits else logits[0]
