@@ -6,6 +6,7 @@
     edgevlm export SRC -o OUT     quantize a Hugging Face model folder into an .evlm file
     edgevlm classify MODEL IMGS   zero-shot classification of an image stream (CLIP/SigLIP), --adapt for Q-TTA
     edgevlm embed MODEL           image / text embeddings to .npy or .json
+    edgevlm run MODEL --prompt P  generate text about images (LLaVA, Qwen2-VL, Idefics3/SmolVLM .evlm)
 
 Each subcommand parses its flags and calls one function; errors print a one-line message
 and exit with status 2 (bad input) or 1 (corrupt file) instead of a traceback.
@@ -251,6 +252,47 @@ def _dual_parsers(sub) -> None:
     s.add_argument("-o", "--out", required=True, help="output .npy (one kind), .npz or .json")
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime.vlm import Runtime
+
+    images = _image_paths(args.image) if args.image else []
+    rt = Runtime.load(args.model, ctx=args.ctx, threads=args.threads or None)
+    stream = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if args.stream else None
+    out = rt.generate(args.prompt, images, max_tokens=args.max_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                      seed=args.seed, stop=args.stop, raw=args.raw, on_text=stream)
+    if args.json:
+        print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "usage": out.usage,
+                          "timings_ms": {k: round(v, 2) for k, v in out.timings.items() if k.endswith("_ms")}}))
+        return 0
+    print("" if args.stream else out.text)
+    t = out.timings
+    n_dec = max(int(t.get("decode_tokens", 0)), 0)
+    rate = n_dec / (t["decode_ms"] / 1e3) if n_dec and t.get("decode_ms") else float("nan")
+    print(f"[{out.prompt_tokens} prompt + {len(out.token_ids)} generated tokens, {out.finish_reason}; "
+          f"time to first token {t['ttft_ms']:.0f} ms, decode {rate:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _run_parser(sub) -> None:
+    s = sub.add_parser("run", help="generate text about images with a generative VLM .evlm")
+    s.add_argument("model")
+    s.add_argument("--image", nargs="*", default=[], help="image files, folders or globs (one user turn)")
+    s.add_argument("--prompt", required=True, help="the user message (or the whole formatted prompt with --raw)")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=0, help="0 = off")
+    s.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--ctx", type=int, default=None, help="KV-cache length in tokens (default: min(model, 4096))")
+    s.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
+    s.add_argument("--raw", action="store_true", help="the prompt is already chat-formatted (no template applied)")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    s.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Quantized vision-language models on edge hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -261,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("kernels", help="print the kernel ISAs this build and CPU support")
     _export_parser(sub)
     _dual_parsers(sub)
+    _run_parser(sub)
     return p
 
 
@@ -281,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_classify(args)
         if args.command == "embed":
             return cmd_embed(args)
+        if args.command == "run":
+            return cmd_run(args)
     except BrokenPipeError:
         # `edgevlm info x.evlm | head`: the reader left; stop quietly, as cat/ls do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -213,3 +213,24 @@ def test_sampling_matches_transformers_processors():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+def test_cli_run(llava, capsys):
+    from edgevlm.cli import main
+
+    src, gold, d = llava
+    path = _export(src, d / "f16.evlm", method="rtn", bits=16)
+    img = d / "cli.png"
+    synthetic_images()[2].save(img)
+    assert main(["run", str(path), "--image", str(img), "--prompt", "Describe it.", "--max-tokens", "5",
+                 "--json"]) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["usage"]["completion_tokens"] <= 5 and out["finish_reason"] in ("length", "stop")
+    want = Runtime.load(path).generate("Describe it.", images=[str(img)], max_tokens=5).text
+    assert out["text"] == want
+    assert main(["run", str(path), "--image", str(img), "--prompt", "x", "--stream", "--max-tokens", "3"]) == 0
+    assert "decode" in capsys.readouterr().err
+    assert main(["run", str(path), "--image", str(d / "missing.png"), "--prompt", "x"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["run", str(path), "--prompt", "x", "--ctx", "2"]) == 2
+    assert "--ctx" in capsys.readouterr().err
