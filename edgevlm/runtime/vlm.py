@@ -107,6 +107,14 @@ class Runtime:
     def kv_bytes(self) -> int:
         return self.cache.nbytes
 
+    def set_ctx(self, ctx: int) -> None:
+        """Reallocate the KV cache for ``ctx`` positions (untouched pages cost no memory)."""
+        limit = self.decoder.max_positions
+        if limit and ctx > limit:
+            raise ValueError(f"ctx {ctx} exceeds the model's max_position_embeddings {limit}")
+        self.cache = self.decoder.new_cache(ctx)
+        self.ctx = int(ctx)
+
     # -- prompt --------------------------------------------------------------------------------
     def format(self, prompt: str | list[dict], n_images: int = 0) -> str:
         """A user prompt (str) or a message list -> the chat-formatted text with image placeholders."""
@@ -154,9 +162,11 @@ class Runtime:
 
     def generate_ids(self, p: Prepared, max_tokens: int = 64, sampling: SamplingConfig | None = None, *,
                      on_token: Callable[[int], bool | None] | None = None,
-                     timings: dict[str, float] | None = None) -> list[int]:
+                     timings: dict[str, float] | None = None, ignore_eos: bool = False) -> list[int]:
         """Token ids after the prompt (greedy unless ``sampling`` says otherwise), stopping at an
-        eos id (included), ``max_tokens`` or the context end.  ``on_token(id)`` returning True stops."""
+        eos id (included; not with ``ignore_eos``, for benchmarks), ``max_tokens`` or the context
+        end.  ``on_token(id)`` returning True stops.  ``timings`` gets prefill_ms (prompt in, first
+        token out), decode_ms (the rest) and the token counts."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         sampler = Sampler(sampling or SamplingConfig())
@@ -175,7 +185,7 @@ class Runtime:
                 t_first = time.perf_counter()
             if on_token is not None and on_token(tok):
                 break
-            if tok in self.eos_ids or len(out) >= max_tokens or cache.length >= cache.ctx:
+            if (tok in self.eos_ids and not ignore_eos) or len(out) >= max_tokens or cache.length >= cache.ctx:
                 break
             i = cache.length
             logits = self.decoder.forward(self.decoder.embed([tok]), cache, self._positions(p, i))
