@@ -19,6 +19,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import edgevlm, edgevlm.runtime, edgevlm.format, edgevlm.qtypes, edgevlm._core
 import edgevlm.runtime.vlm, edgevlm.runtime.decoder, edgevlm.runtime.llava, edgevlm.runtime.chat, edgevlm.runtime.dual
+import edgevlm.runtime.qwen2vl, edgevlm.runtime.idefics3
 import numpy as np
 from edgevlm import qtypes
 from edgevlm.runtime import QuantLinear

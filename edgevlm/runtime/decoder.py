@@ -43,6 +43,8 @@ def _rope_params(c: dict) -> dict:
     p.update(c.get("rope_parameters") or {})
     if "type" in p and "rope_type" not in p:
         p["rope_type"] = p["type"]
+    if p.get("rope_type") == "mrope":  # Qwen2-VL hub configs: default RoPE + mrope_section
+        p["rope_type"] = "default"
     p.setdefault("rope_type", "default")
     p.setdefault("rope_theta", 10000.0)
     return p
