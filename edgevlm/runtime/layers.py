@@ -186,20 +186,33 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int, *, caus
     qh = q.reshape(b, tq, n_heads, hd).transpose(0, 2, 1, 3)            # [B, H, Tq, hd]
     kh = k.reshape(b, tk, n_heads, hd).transpose(0, 2, 3, 1)            # [B, H, hd, Tk]
     vh = v.reshape(b, tk, n_heads, hd).transpose(0, 2, 1, 3)            # [B, H, Tk, hd]
-    s = np.matmul(qh, kh)                                               # [B, H, Tq, Tk]
-    s *= F32(hd ** -0.5 if scale is None else scale)
-    allow = None                                                        # [B, 1|H, Tq|1, Tk] bool
+    allow = None                                                        # [B, 1, Tq, Tk] bool
     if causal:
         pos = (np.arange(tq) + (tk - tq))[None, :] if q_pos is None else np.asarray(q_pos).reshape(b, tq)
         allow = (np.arange(tk)[None, None, :] <= pos[:, :, None])[:, None]  # [B|1, 1, Tq, Tk]
     if key_mask is not None:
         km = (np.asarray(key_mask) != 0).reshape(b, 1, 1, tk)
         allow = km if allow is None else allow & km
-    if allow is not None:
-        s = np.where(allow, s, np.finfo(np.float32).min)
-    p = softmax(s, axis=-1)
-    o = np.matmul(p, vh)                                                # [B, H, Tq, hd]
+    sc = F32(hd ** -0.5 if scale is None else scale)
+    o = np.empty((b, n_heads, tq, hd), dtype=F32)                       # [B, H, Tq, hd]
+    # Scores for a few heads at a time: B*H*Tq*Tk float32 can be hundreds of MB for a 1024-token
+    # image (and softmax needs a temporary of the same size), so the peak stays <= _SCORE_BYTES.
+    step = max(1, min(n_heads, _SCORE_BYTES // max(1, 4 * b * tq * tk)))
+    for h0 in range(0, n_heads, step):
+        hs = slice(h0, h0 + step)
+        s = np.matmul(qh[:, hs], kh[:, hs])                             # [B, h, Tq, Tk]
+        s *= sc
+        if allow is not None:
+            np.copyto(s, np.finfo(np.float32).min, where=~allow)
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        np.matmul(s, vh[:, hs], out=o[:, hs])
     return o.transpose(0, 2, 1, 3).reshape(b, tq, d)
+
+
+#: the most bytes of attention scores :func:`attention` holds at once (a few heads at a time)
+_SCORE_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------------- weights from a file
