@@ -24,7 +24,7 @@ import torch
 from ..runtime.idefics3 import IMAGE_TOKEN, image_prompt_string
 from .calib_data import CalibSet
 from .calibrate import Calibrator, chunks
-from .recipes import image_processor, tokenizer
+from .recipes import calibrate_language_model, image_processor, tokenizer
 from .source import Source
 
 __all__ = ["run_idefics3"]
@@ -113,29 +113,6 @@ def run_idefics3(cal: Calibrator, source: Source, calib: CalibSet) -> None:
     starts = np.cumsum([0] + [n for _, _, n in layout])
     per_image = [feats[starts[i]:starts[i + 1]].reshape(-1, feats.shape[-1]) for i in range(len(layout))]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lm_path = tt["blocks"].rsplit(".layers", 1)[0]
-    embed = cal.load(f"{lm_path}.embed_tokens")
-    lm = cal.lm.module(lm_path)
-    runs = []
-    for s in chunks(len(prompts), cal.batch_size):
-        group = prompts[s]
-        t = max(len(p) for p in group)
-        ids = torch.full((len(group), t), pad, dtype=torch.long)
-        am = torch.zeros((len(group), t), dtype=torch.long)
-        for r, p in enumerate(group):
-            ids[r, :len(p)] = torch.tensor(p)
-            am[r, :len(p)] = 1
-        with torch.no_grad():
-            x = embed(ids)
-            x[ids == image_id] = torch.cat(per_image[s], dim=0).to(x.dtype)  # row-major = masked_scatter order
-        runs.append((lambda x=x, am=am: lm(inputs_embeds=x, attention_mask=am, use_cache=False), am))
-    batches = cal.capture(tt["blocks"], runs)
-    cal.lm.release(f"{lm_path}.embed_tokens")
-    batches, _ = cal.run_tower("text", tt["blocks"], tt["n"], batches)
-    if not tt["tied"]:
-        norm = cal.load(f"{lm_path}.norm")
-        with torch.no_grad():
-            xs = [norm(b.hidden) for b in batches]
-        cal.lm.release(f"{lm_path}.norm")
-        cal.quantize_module("lm_head", "lm_head", xs, [b.mask for b in batches])
+    # row-major concatenation of each prompt's images = masked_scatter order
+    calibrate_language_model(cal, tt, prompts, image_id, pad, lambda s: torch.cat(per_image[s], dim=0))
 

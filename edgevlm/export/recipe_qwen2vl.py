@@ -26,7 +26,7 @@ import torch
 
 from .calib_data import CalibSet
 from .calibrate import Batch, Calibrator
-from .recipes import _bs, image_processor, tokenizer
+from .recipes import _bs, image_processor, language_model_batches, quantize_language_model, tokenizer
 from .source import Source
 
 # private kwargs a vision Batch carries for the span hooks (popped before the block sees them)
@@ -137,26 +137,14 @@ def _text_batches(cal: Calibrator, source: Source, calib: CalibSet, feats: list[
     image_id = int(cfg["image_token_id"])
     prompts = _prompts(source, tok, calib, image_id, [len(f) for f in feats])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lm_path = tt["blocks"].rsplit(".layers", 1)[0]
-    emb = cal.load(f"{lm_path}.embed_tokens")
-    runs = []
-    for s in _bs(cal, len(prompts)):
-        group = prompts[s]
-        t = max(len(p) for p in group)
-        ids = torch.full((len(group), t), pad, dtype=torch.long)
-        am = torch.zeros((len(group), t), dtype=torch.long)
-        for r, p in enumerate(group):
-            ids[r, :len(p)] = torch.tensor(p)
-            am[r, :len(p)] = 1
+
+    def rope_positions(ids: torch.Tensor, am: torch.Tensor, s: slice) -> dict:
         mm = (ids == image_id).to(torch.int32)  # mm_token_type_ids: 1 = image token
-        with torch.no_grad():
-            pos, _ = m.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid[s], attention_mask=am)
-            x = emb(ids)
-            x[ids == image_id] = torch.cat(feats[s], dim=0).to(x.dtype)
-        runs.append((lambda x=x, am=am, pos=pos: cal.lm.module(lm_path)(inputs_embeds=x, attention_mask=am,
-                                                                         position_ids=pos, use_cache=False), am))
-    batches = cal.capture(tt["blocks"], runs)
-    cal.lm.release(f"{lm_path}.embed_tokens")
+        pos, _ = m.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid[s], attention_mask=am)
+        return {"position_ids": pos}
+
+    batches = language_model_batches(cal, tt, prompts, image_id, pad, lambda s: torch.cat(feats[s], dim=0),
+                                     rope_positions)
     return batches, prompts
 
 
@@ -165,11 +153,4 @@ def run_qwen2vl(cal: Calibrator, source: Source, calib: CalibSet) -> None:
     feats, grid = _image_features(cal, source, calib)
     batches, _ = _text_batches(cal, source, calib, feats, grid)
     del feats
-    batches, _ = cal.run_tower("text", tt["blocks"], tt["n"], batches)
-    if not tt["tied"]:
-        lm_path = tt["blocks"].rsplit(".layers", 1)[0]
-        norm = cal.load(f"{lm_path}.norm")
-        with torch.no_grad():
-            xs = [norm(b.hidden) for b in batches]
-        cal.lm.release(f"{lm_path}.norm")
-        cal.quantize_module("lm_head", "lm_head", xs, [b.mask for b in batches])
+    quantize_language_model(cal, tt, batches)

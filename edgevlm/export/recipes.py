@@ -7,6 +7,7 @@ exist and where they go is :mod:`.tensor_map`'s job; bits are the pipeline's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -146,31 +147,60 @@ def run_llava(cal: Calibrator, source: Source, calib: CalibSet) -> None:
         raise RuntimeError(f"internal error: {image_feats.shape[1]} image features per image, expected {n_img}")
     prompts = _llava_prompts(source, tok, calib, image_id, n_img)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    calibrate_language_model(cal, tt, prompts, image_id, pad, lambda s: image_feats[s].reshape(-1, image_feats.shape[-1]))
+
+
+def pad_batch(group: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> right-padded ids and attention mask, both long [B, T_max]."""
+    t = max(len(p) for p in group)
+    ids = torch.full((len(group), t), pad, dtype=torch.long)
+    am = torch.zeros((len(group), t), dtype=torch.long)
+    for r, p in enumerate(group):
+        ids[r, :len(p)] = torch.tensor(p)
+        am[r, :len(p)] = 1
+    return ids, am
+
+
+def language_model_batches(cal: Calibrator, tt: dict, prompts: list[list[int]], image_id: int, pad: int,
+                           image_rows: Callable[[slice], torch.Tensor],
+                           extra: Callable[[torch.Tensor, torch.Tensor, slice], dict] | None = None) -> list:
+    """Decoder-block-0 inputs of a generative VLM on chat-formatted calibration prompts
+    (right-padded batches).  ``tt``: the family's text tower facts; ``image_rows(s)``: the image
+    features [n, D] of prompts[s] in order of occurrence (written over the image-token rows, as
+    ``masked_scatter`` does); ``extra(ids, am, s)``: more forward kwargs (e.g. mrope positions)."""
     lm_path = tt["blocks"].rsplit(".layers", 1)[0]
     emb = cal.load(f"{lm_path}.embed_tokens")
     runs = []
     for s in _bs(cal, len(prompts)):
-        group = prompts[s]
-        t = max(len(p) for p in group)
-        ids = torch.full((len(group), t), pad, dtype=torch.long)
-        am = torch.zeros((len(group), t), dtype=torch.long)
-        for r, p in enumerate(group):
-            ids[r, :len(p)] = torch.tensor(p)
-            am[r, :len(p)] = 1
+        ids, am = pad_batch(prompts[s], pad)
         with torch.no_grad():
+            kw = extra(ids, am, s) if extra is not None else {}
             x = emb(ids)
-            x[ids == image_id] = image_feats[s].reshape(-1, x.shape[-1])
-        runs.append((lambda x=x, am=am: cal.lm.module(lm_path)(inputs_embeds=x, attention_mask=am, use_cache=False),
-                     am))
+            x[ids == image_id] = image_rows(s).to(x.dtype)
+        runs.append((lambda x=x, am=am, kw=kw: cal.lm.module(lm_path)(inputs_embeds=x, attention_mask=am,
+                                                                      use_cache=False, **kw), am))
     batches = cal.capture(tt["blocks"], runs)
     cal.lm.release(f"{lm_path}.embed_tokens")
+    return batches
+
+
+def quantize_language_model(cal: Calibrator, tt: dict, batches: list) -> None:
+    """The decoder blocks from their captured inputs, then the LM head (on the final norm's
+    outputs) when it is not tied to the embeddings."""
     batches, _ = cal.run_tower("text", tt["blocks"], tt["n"], batches)
     if not tt["tied"]:
+        lm_path = tt["blocks"].rsplit(".layers", 1)[0]
         norm = cal.load(f"{lm_path}.norm")
         with torch.no_grad():
             xs = [norm(b.hidden) for b in batches]
         cal.lm.release(f"{lm_path}.norm")
         cal.quantize_module("lm_head", "lm_head", xs, [b.mask for b in batches])
+
+
+def calibrate_language_model(cal: Calibrator, tt: dict, prompts: list[list[int]], image_id: int, pad: int,
+                             image_rows: Callable[[slice], torch.Tensor]) -> None:
+    """:func:`language_model_batches` then :func:`quantize_language_model`."""
+    quantize_language_model(cal, tt, language_model_batches(cal, tt, prompts, image_id, pad, image_rows))
 
 
 # ------------------------------------------------------------------------------------------------
