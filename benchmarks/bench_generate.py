@@ -41,12 +41,17 @@ COLS = ["model", "impl", "bits", "threads", "encode_ms", "prefill_tok_s", "decod
         "file_mb", "kv_mb", "prompt_tokens", "new_tokens", "base_rss_mb"]
 
 
-def peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM: peak RSS, VmRSS: current RSS) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def bench_image():
@@ -59,17 +64,6 @@ def bench_image():
 
 # ------------------------------------------------------------------------------------------------
 # Model folders (random weights, real shapes)
-
-def _save_common(model, tok, out: Path, improc, extra_proc: dict | None = None) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    improc.save_pretrained(out)
-    if extra_proc:
-        (out / "processor_config.json").write_text(json.dumps(extra_proc, indent=2))
-    (out / ".complete").write_text("ok")
-    return out
-
 
 def build_model(name: str, out: Path) -> Path:
     """Write the HF folder of benchmark model ``name`` (skipped when already complete)."""
@@ -108,20 +102,12 @@ MODELS = ["tiny-llava", *BUILDERS]
 # ------------------------------------------------------------------------------------------------
 # Workers (each in its own process)
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker_edgevlm(a) -> dict:
     import PIL.Image  # noqa: F401  (imported before the baseline: the runtime needs it for images)
 
     from edgevlm.runtime.vlm import Runtime
 
-    base = rss_mb()  # interpreter + numpy + tokenizers + Pillow + the extension, before the model
+    base = _status_mb("VmRSS")  # interpreter + numpy + tokenizers + Pillow + the extension, before the model
     rt = Runtime.load(a.evlm, threads=a.threads)
     img = bench_image()
     text = rt.format("Describe this image in detail.", 1)

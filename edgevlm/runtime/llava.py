@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .dual import _Block
+from .dual import _DEFAULTS, _Block
 from .layers import Linear, get_activation, layer_norm, vector
 from .preprocess import ImagePreprocessor
 from .vlm_base import Prepared
@@ -24,12 +24,9 @@ from .vlm_base import Prepared
 __all__ = ["LlavaVision"]
 
 F32 = np.float32
-_VISION_DEFAULTS = {
-    "clip_vision_model": {"num_attention_heads": 12, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu",
-                          "image_size": 224, "patch_size": 32},
-    "siglip_vision_model": {"num_attention_heads": 12, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",
-                            "image_size": 224, "patch_size": 16},
-}
+# transformers' config defaults for keys a config.json may omit: the CLIP / SigLIP vision towers'
+_VISION_DEFAULTS = {"clip_vision_model": _DEFAULTS[("clip", "vision")],
+                    "siglip_vision_model": _DEFAULTS[("siglip", "vision")]}
 
 
 class LlavaVision:
