@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import operator
-import subprocess
-import sys
 import tracemalloc
 
 import numpy as np
 import pytest
+
+from no_torch import run_without_torch
 
 from edgevlm.adapt import QTTA, QTTAConfig, StreamStates, quantize_int8
 
@@ -474,15 +474,9 @@ def test_qtta_improves_a_shifted_stream():
 
 def test_adapt_imports_no_torch():
     probe = (
-        "import importlib.abc, sys\n"
-        "class B(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-        "            raise ImportError(name)\n"
-        "sys.meta_path.insert(0, B())\n"
         "import edgevlm.adapt, edgevlm.adapt.qtta, edgevlm.adapt.corruptions\n"
         "print('OK', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'PIL')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    out = run_without_torch(probe)
     assert out.returncode == 0, out.stderr
     assert "OK" in out.stdout and "torch" not in out.stdout

@@ -34,8 +34,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +43,7 @@ pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 import hf_tiny  # noqa: E402
+from no_torch import run_without_torch  # noqa: E402
 
 from edgevlm import format as fmt  # noqa: E402
 from edgevlm import qtypes  # noqa: E402
@@ -431,14 +430,7 @@ def test_non_dual_encoder_files_raise_value_error(models, tmp_path):
 
 # ---------------------------------------------------------------------- no torch in the runtime
 
-PROBE = """
-import importlib.abc, sys
-FORBIDDEN = ("torch", "transformers", "triton", "onnxruntime")
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in FORBIDDEN:
-            raise ImportError('runtime imported forbidden module ' + name)
-sys.meta_path.insert(0, Block())
+PROBE = """  # runs after no_torch's import blocker (FORBIDDEN, sys defined there)
 import numpy as np
 import edgevlm.runtime.dual
 from edgevlm.runtime import load_dual
@@ -453,7 +445,6 @@ print('LOADED', sorted(x for x in sys.modules if x.split('.')[0] in FORBIDDEN))
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dual_runtime_imports_no_torch(models, family):
-    out = subprocess.run([sys.executable, "-c", PROBE, str(models[family].files[4])], capture_output=True,
-                         text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    out = run_without_torch(PROBE, str(models[family].files[4]))
     assert out.returncode == 0, out.stderr
     assert "LOADED []" in out.stdout, out.stdout

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import hf_tiny
+from no_torch import generate_without_torch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -158,18 +157,7 @@ def test_runtime_generates_without_torch(llava):
     path = _export(src, d / "q4.evlm", method="rtn", bits=4)
     img = d / "img.png"
     synthetic_images()[0].save(img)
-    probe = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'triton'):
-            raise ImportError('runtime imported forbidden module ' + name)
-sys.meta_path.insert(0, Block())
-from edgevlm.runtime.vlm import Runtime
-out = Runtime.load({str(path)!r}).generate('Describe it.', images=[{str(img)!r}], max_tokens=4)
-print('OK', len(out.token_ids))
-"""
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    r = generate_without_torch(path, img)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
 
 

@@ -30,13 +30,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import hf_tiny_idefics3 as hti
+from no_torch import generate_without_torch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -341,16 +340,5 @@ def test_runtime_generates_without_torch(tiny, tmp_path):
     arch, src, files = tiny
     img = tmp_path / "img.png"
     _photos()[0].save(img)
-    probe = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'triton'):
-            raise ImportError('runtime imported forbidden module ' + name)
-sys.meta_path.insert(0, Block())
-from edgevlm.runtime.vlm import Runtime
-out = Runtime.load({str(files['q4'])!r}).generate('Describe it.', images=[{str(img)!r}], max_tokens=4)
-print('OK', len(out.token_ids), out.prompt_tokens)
-"""
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    r = generate_without_torch(files['q4'], img)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -31,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
 
 import hf_tiny_qwen2vl as hq  # noqa: E402
+from no_torch import generate_without_torch  # noqa: E402
 from edgevlm import format as fmt  # noqa: E402
 from edgevlm.export import ExportConfig, export  # noqa: E402
 from edgevlm.export.tensor_map import family_for, resolve  # noqa: E402
@@ -436,16 +435,5 @@ def test_runtime_generates_without_torch(qwen):
     from PIL import Image
 
     Image.fromarray(_photos()[1]).save(img)
-    probe = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'triton'):
-            raise ImportError('runtime imported forbidden module ' + name)
-sys.meta_path.insert(0, Block())
-from edgevlm.runtime.vlm import Runtime
-out = Runtime.load({str(exports[8])!r}).generate('Describe it.', images=[{str(img)!r}], max_tokens=4)
-print('OK', len(out.token_ids), out.prompt_tokens)
-"""
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    r = generate_without_torch(exports[8], img)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
