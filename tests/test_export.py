@@ -207,8 +207,15 @@ def test_llava_hub_layout_and_tied_head(tmp_path):
         assert any("encoder.layers.1." in k for k in dropped) and "vision.blocks.1.attn.q.weight" not in f
     t = _export(hf_tiny.make_llava(tmp_path / "t", vision="siglip", text="qwen2", tie=True), tmp_path / "t.evlm",
                 method="rtn", bits=4)
-    with fmt.open(t.path) as f:
-        assert "lm_head.weight" not in f and "text.blocks.0.attn.q.bias" in f
+    with fmt.open(t.path) as f:  # tied: the head is packed apart from the 8-bit table, from its tensor
+        assert "text.blocks.0.attn.q.bias" in f
+        head, tok = f.records["lm_head.weight"], f.records["text.embed.tok"]
+        assert (head.qtype, tok.qtype) == ("q4", "q8") and head.extra["src"] == tok.extra["src"]
+        assert head.extra["param"] == "lm_head.weight" and "lm_head.weight" not in f.metadata["dropped"]
+    t8 = _export(hf_tiny.make_llava(tmp_path / "t", vision="siglip", text="qwen2", tie=True), tmp_path / "t8.evlm",
+                 method="rtn", bits=8)
+    with fmt.open(t8.path) as f:  # not narrower than the table: the runtime uses the table as the head
+        assert "lm_head.weight" not in f and f.records["text.embed.tok"].qtype == "q8"
 
 
 def test_cli_export_and_info(tmp_path, clip_dir, capsys):

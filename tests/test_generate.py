@@ -89,6 +89,32 @@ def test_8bit_runtime_equals_transformers_on_the_same_weights(llava):
         assert rt.generate_ids(p, max_tokens=N_NEW) == gen
 
 
+def test_4bit_head_is_its_own_packed_matrix_even_when_tied(llava):
+    """Below 8 bits the LM head is packed at the LM's width (>= 4) even when tied: the runtime
+    streams it per token instead of the 8-bit embedding table, and still equals transformers
+    running the file's weights (untied by evaluate.load_into_model)."""
+    from edgevlm import format as fmt
+    from edgevlm.export.evaluate import load_into_model
+
+    src, gold, d = llava
+    path = _export(src, d / "q4.evlm", method="rtn", bits=4)
+    with fmt.open(path) as f:
+        head, tok = f.records["lm_head.weight"], f.records["text.embed.tok"]
+        assert (head.qtype, tok.qtype) == ("q4", "q8")
+        tied = head.extra["src"] == tok.extra["src"]
+        assert tied == ("tied" in d.name) and (head.extra.get("param") == "lm_head.weight") == tied
+    model = load_into_model(path, src).eval()
+    if tied:  # the untied copy holds the 4-bit head, the embeddings keep their 8-bit values
+        assert model.lm_head.weight is not model.get_input_embeddings().weight
+    rt = Runtime.load(path, isa="ref")
+    assert rt.decoder.head.quant.qtype.name == "q4"
+    p = rt.prepare(str(gold["prompt_0"]), [synthetic_images()[0]])
+    ids = torch.from_numpy(p.input_ids)[None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=torch.from_numpy(rt.vision.preprocessor([synthetic_images()[0]])))
+    assert np.abs(rt.logits(p) - ref.logits[0].numpy()).max() < 1e-4
+
+
 @pytest.mark.parametrize("bits,min_cos", [(8, 0.999), (4, 0.98)])
 def test_quantized_logits_stay_within_documented_bounds(llava, bits, min_cos):
     src, gold, d = llava

@@ -119,8 +119,8 @@ def test_table_resolves_the_tiny_checkpoints(tiny, torch_one_thread):
     assert {f"vision.blocks.{i}.mlp.fc2.weight" for i in range(2)} <= set(by_key)
     assert {f"text.blocks.{i}.mlp.down.weight" for i in range(2)} <= set(by_key)
     assert {"vision.post_norm.weight", "vision.post_norm.bias", "text.norm.weight"} <= set(by_key)
-    tied = arch == "smolvlm"
-    assert ("lm_head.weight" in by_key) is not tied
+    tied = arch == "smolvlm"  # a tied head is packed from the token embeddings' tensor
+    assert (by_key["lm_head.weight"].ckpt == by_key["text.embed.tok"].ckpt) is tied
     assert dropped == {}  # tied checkpoints do not even hold lm_head.weight
     # the processor's tiles are exactly the tower's image size: every frame is 8 x 8 patches
     pre = json.loads((src / "preprocessor_config.json").read_text())
@@ -146,12 +146,12 @@ def test_export_4bit(tiny, method, tmp_path, torch_one_thread):
         assert r["projector.proj.weight"].qtype == "q4" and r["vision.blocks.1.attn.q.weight"].qtype == "q4"
         assert r["text.blocks.0.mlp.down.weight"].qtype == "q4" and r["text.embed.tok"].qtype == "q8"
         assert r["vision.embed.patch.weight"].qtype == "f16" and r["vision.embed.pos"].qtype == "f16"
-        assert ("lm_head.weight" in r) is (arch == "idefics3")
+        assert r["lm_head.weight"].qtype == "q4"  # tied (smolvlm) too: packed apart from the 8-bit table
         assert r["projector.proj.weight"].extra["method"].startswith(method)
         meta = f.metadata
         assert meta["family"] == arch and meta["extra"]["processor_config"]["image_seq_len"] == 16
         towers = {e["tower"] for e in meta["quantization"]["block_errors"]}
-        assert towers == {"vision", "projector", "text"} | ({"lm_head"} if arch == "idefics3" else set())
+        assert towers == {"vision", "projector", "text", "lm_head"}
 
 
 def test_cli_export(tiny, tmp_path, capsys, torch_one_thread):

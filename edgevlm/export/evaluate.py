@@ -33,7 +33,7 @@ def dequantized_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             src = extra.get("src")
             if not src:
                 raise ValueError(f"{path}: record {name!r} ({rec.qtype}) has no extra['src'] source name")
-            key = fam.canonical(src)
+            key = extra.get("param") or fam.canonical(src)  # "param": a tied head quantized from src
             if key in out:
                 raise ValueError(f"{path}: two records map to parameter {key!r}")
             a = f[name]
@@ -62,6 +62,10 @@ def load_into_model(path: str | Path, model_dir: str | Path):
     dropped_canon = {fam.canonical(k) for k in dropped}
     missing = []
     with torch.no_grad():
+        if "lm_head.weight" in sd and _tied(model, "lm_head.weight"):
+            # the file holds the head quantized apart from the 8-bit table: untie, or one copy_
+            # would overwrite the other
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         params = dict(model.named_parameters())
         for name, p in params.items():
             if name in sd:

@@ -55,6 +55,9 @@ class LazyModel:
         self.model.eval()
         self.config = config
         self._ckpt = {source.family.canonical(k): k for k in source.locs}
+        for e in source.family.entries:  # a tied LM head reads the token embeddings' tensor
+            if e.tied_from is not None and e.src not in self._ckpt and e.tied_from in self._ckpt:
+                self._ckpt[e.src] = self._ckpt[e.tied_from]
 
     def module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)

@@ -138,6 +138,19 @@ def plan_target(m: Mapped, cfg: ExportConfig) -> Target:
     return Target(_QTYPE[bits], bits, g, note)
 
 
+def _without_redundant_ties(mapped: list[Mapped], cfg: ExportConfig) -> list[Mapped]:
+    """Drop a tied row (a tied LM head) when it would be stored no narrower than the tensor it
+    shares (fp16 or 8-bit exports): the runtime then uses the embedding table as the head."""
+    by_ckpt = {m.ckpt: m for m in mapped if m.entry.tied_from is None}
+    keep = []
+    for m in mapped:
+        t = by_ckpt.get(m.ckpt) if m.entry.tied_from is not None else None
+        if t is not None and plan_target(m, cfg).bits >= plan_target(t, cfg).bits:
+            continue
+        keep.append(m)
+    return keep
+
+
 def _shq_candidate(m: Mapped, cfg: ExportConfig, low: Target) -> Target | None:
     """SHQ may keep a vision linear layer at keep_bits instead of its low width."""
     if cfg.method is not Method.SHQ or m.entry.kind is not Kind.LINEAR or m.entry.tower != "vision":
@@ -197,6 +210,8 @@ class _ExportQuantizer:
         tgt = self.targets[m.key]
         w = w.reshape(m.shape)
         extra = {"src": m.ckpt, "kind": m.entry.kind.value, "tower": m.entry.tower}
+        if m.entry.tied_from is not None and m.canonical != m.entry.tied_from:
+            extra["param"] = m.canonical  # src is the shared (tied) tensor; this is the parameter
         if tgt.note:
             extra["note"] = tgt.note
         H = hessian.matrix() if hessian is not None and hessian.n_tokens > 0 else None
@@ -337,6 +352,7 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
     source = open_source(src)
     out = _check_out(Path(out), source.path)
     mapped, dropped = resolve(source.family, source.shapes())
+    mapped = _without_redundant_ties(mapped, cfg)
     n_params = sum(int(np.prod(m.shape, dtype=np.int64)) for m in mapped)
     budget = _budget_bytes(cfg, n_params)
     min_bytes = sum(plan_target(m, cfg).nbytes(m.shape) for m in mapped)  # every vision layer low

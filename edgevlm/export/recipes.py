@@ -185,10 +185,11 @@ def language_model_batches(cal: Calibrator, tt: dict, prompts: list[list[int]], 
 
 
 def quantize_language_model(cal: Calibrator, tt: dict, batches: list) -> None:
-    """The decoder blocks from their captured inputs, then the LM head (on the final norm's
-    outputs) when it is not tied to the embeddings."""
+    """The decoder blocks from their captured inputs, then the LM head on the final norm's
+    outputs when the file holds it quantized (untied, or tied but narrower than the 8-bit
+    embedding table: see tensor_map.lm_head)."""
     batches, _ = cal.run_tower("text", tt["blocks"], tt["n"], batches)
-    if not tt["tied"]:
+    if cal.q.wants_hessian("lm_head.weight"):
         lm_path = tt["blocks"].rsplit(".layers", 1)[0]
         norm = cal.load(f"{lm_path}.norm")
         with torch.no_grad():

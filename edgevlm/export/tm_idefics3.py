@@ -11,7 +11,7 @@ Module (= saved checkpoint) names, transformers 5::
     model.vision_model.post_layernorm.{weight,bias}
     model.connector.modality_projection.proj.weight               [tD, vD * scale_factor^2]
     model.text_model.{embed_tokens,layers.{i}.*,norm}              Llama
-    lm_head.weight                                                 absent when tied
+    lm_head.weight                                                 from embed_tokens when tied
 
 The hub checkpoints (HuggingFaceM4/Idefics3-8B-Llama3, HuggingFaceTB/SmolVLM-*) use these
 names too (transformers has no key conversion for these families), so there are no ``renames``.
@@ -19,7 +19,8 @@ names too (transformers has no key conversion for these families), so there are 
 
 from __future__ import annotations
 
-from .tensor_map import Entry, Family, Kind, _decoder, _dense, _fix_blocks, _norm, _text_dims, _vec, _vit_block
+from .tensor_map import (Entry, Family, Kind, _decoder, _dense, _fix_blocks, _norm, _text_dims, _vec, _vit_block,
+                         lm_head)
 
 __all__ = ["idefics3_family"]
 
@@ -76,10 +77,7 @@ def idefics3_family(cfg: dict) -> Family:
     tied = bool(cfg.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)))
     drops = [(rf"^{v}\.embeddings\.position_ids$", "buffer, recomputed at load"),
              (rf"^{t}\.rotary_emb\.", "buffer, recomputed at load")]
-    if tied:
-        drops.append((r"^lm_head\.weight$", "tied to text.embed.tok"))
-    else:
-        rows.append(Entry("lm_head.weight", "lm_head.weight", Kind.LINEAR, "text", ("tV", "tD"), min_bits=4))
+    rows.append(lm_head(f"{t}.embed_tokens.weight", tied))
     return Family(name, _ARCH[name], _fix_blocks(rows), dims, drops=tuple(drops),
                   towers={"vision": {"module": v, "blocks": f"{v}.encoder.layers", "n": dims["vL"],
                                      "post_norm": f"{v}.post_layernorm"},

@@ -12,7 +12,7 @@ Module names (transformers 5) and file keys, ``{i}`` a vision block / decoder la
     model.visual.merger.ln_q                  projector.norm              LayerNorm (2-VL) / RMSNorm (2.5-VL)
     model.visual.merger.mlp.0 / mlp.2         projector.fc1 / fc2         LINEAR [pIn, pIn] / [tD, pIn], pIn = vD m^2
     model.language_model.*                    text.*                      via tensor_map._decoder (Qwen2: q/k/v bias)
-    lm_head.weight                            lm_head.weight              dropped when tied (Qwen2-VL-2B)
+    lm_head.weight                            lm_head.weight              from embed_tokens when tied (Qwen2-VL-2B)
 
 Checkpoints spell the language model ``model.*`` and the tower ``visual.*`` (the hub layout,
 which ``save_pretrained`` of transformers 5 still writes); :data:`RENAMES` maps them on the
@@ -22,7 +22,7 @@ module names.  Hub config.json files of Qwen2-VL keep the text settings at the t
 
 from __future__ import annotations
 
-from .tensor_map import Entry, Family, Kind, _decoder, _dense, _fix_blocks, _text_dims, _vec
+from .tensor_map import Entry, Family, Kind, _decoder, _dense, _fix_blocks, _text_dims, _vec, lm_head
 
 ARCHITECTURES = {"Qwen2VLForConditionalGeneration": "qwen2_vl",
                  "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
@@ -125,10 +125,7 @@ def qwen2vl_family(cfg: dict) -> Family:
     tied = bool(cfg.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)))
     drops = [(r"^model\.visual\.rotary_pos_emb\.", "buffer, recomputed at load"),
              (r"^model\.language_model\.rotary_emb\.", "buffer, recomputed at load")]
-    if tied:
-        drops.append((r"^lm_head\.weight$", "tied to text.embed.tok"))
-    else:
-        rows.append(Entry("lm_head.weight", "lm_head.weight", L, "text", ("tV", "tD"), min_bits=4))
+    rows.append(lm_head(f"{lm}.embed_tokens.weight", tied))
     full = [int(i) for i in vc.get("fullatt_block_indexes") or []] if rms else list(range(dims["vL"]))
     return Family(name, MODEL_TYPES[name], _fix_blocks(rows), dims, drops=tuple(drops), renames=RENAMES,
                   towers={"vision": {"blocks": f"{v}.blocks", "n": dims["vL"], "full_attention": full,
