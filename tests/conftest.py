@@ -46,3 +46,20 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def quiet_torch_one_thread():
+    """Module-wide: one torch thread (as torch_one_thread) and no transformers progress bars or
+    warnings; both restored afterwards.  Use with ``pytest.mark.usefixtures``."""
+    import torch
+    from transformers.utils import logging as tlog
+
+    threads, verbosity = torch.get_num_threads(), tlog.get_verbosity()
+    torch.set_num_threads(1)
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    yield
+    tlog.enable_progress_bar()
+    tlog.set_verbosity(verbosity)
+    torch.set_num_threads(threads)

@@ -16,25 +16,9 @@ transformers = pytest.importorskip("transformers")
 import hf_tiny  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative "prepend" import mode)
 from edgevlm.export.golden import synthetic_images, write_golden  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("quiet_torch_one_thread")]
 
 LLAVA_COMBOS = [("clip", "llama"), ("clip", "qwen2"), ("siglip", "llama"), ("siglip", "qwen2")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_single_thread():
-    """One torch thread (tiny models are faster so, and a busy 2-core box makes 2 threads ~20x
-    slower), and no transformers progress bars / warnings; both restored afterwards."""
-    from transformers.utils import logging as tlog
-
-    threads, verbosity = torch.get_num_threads(), tlog.get_verbosity()
-    torch.set_num_threads(1)
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    yield
-    tlog.enable_progress_bar()
-    tlog.set_verbosity(verbosity)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

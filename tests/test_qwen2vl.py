@@ -38,7 +38,7 @@ from edgevlm.runtime.qwen2vl_preprocess import QwenImagePreprocessor, smart_resi
 from edgevlm.runtime.tokenizer import Tokenizer  # noqa: E402
 from edgevlm.runtime.vlm import Runtime  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("quiet_torch_one_thread")]
 
 N_NEW = 20
 ARCH = {"2": "Qwen2VLForConditionalGeneration", "2.5": "Qwen2_5_VLForConditionalGeneration"}
@@ -72,20 +72,6 @@ def fmt_json(path):
     import json
 
     return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_quiet():
-    from transformers.utils import logging as tlog
-
-    threads, verbosity = torch.get_num_threads(), tlog.get_verbosity()
-    torch.set_num_threads(1)
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    yield
-    tlog.enable_progress_bar()
-    tlog.set_verbosity(verbosity)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2vl", "qwen2.5vl"])
