@@ -235,4 +235,5 @@ def _lazy(module: str, fn: str):
 #: Family.name -> recipe
 RECIPES = {"clip": run_dual_encoder, "siglip": run_dual_encoder, "llava": run_llava, "bert": run_text_encoder,
            "qwen2_vl": _lazy("recipe_qwen2vl", "run_qwen2vl"), "qwen2_5_vl": _lazy("recipe_qwen2vl", "run_qwen2vl"),
-           "idefics3": _lazy("recipe_idefics3", "run_idefics3"), "smolvlm": _lazy("recipe_idefics3", "run_idefics3")}
+           "idefics3": _lazy("recipe_idefics3", "run_idefics3"), "smolvlm": _lazy("recipe_idefics3", "run_idefics3"),
+           "qwen3_vl_moe": _lazy("recipe_qwen3vlmoe", "run_qwen3vlmoe")}

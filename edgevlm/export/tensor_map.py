@@ -52,6 +52,10 @@ class Family:
     drops: tuple[tuple[str, str], ...] = ()    # (regex over canonical names, reason)
     renames: tuple[tuple[str, str], ...] = ()  # (regex over checkpoint names, replacement)
     towers: dict[str, Any] = field(default_factory=dict)  # tower -> calibration facts (calibrate.py)
+    # Checkpoint tensors [E, N, K] that hold E file tensors (MoE experts fused in one 3-D tensor):
+    # (regex over canonical names, one slice's (N, K) in dim symbols, names of the equal row blocks
+    # a slice splits into, or () to keep it whole).  See fused_parts.
+    fused: tuple[tuple[str, tuple[Any, Any], tuple[str, ...]], ...] = ()
 
     def canonical(self, ckpt_name: str) -> str:
         for pat, rep in self.renames:
@@ -356,6 +360,7 @@ FAMILIES = {
     "Qwen2_5_VLForConditionalGeneration": _lazy("tm_qwen2vl", "qwen2vl_family"),
     "Idefics3ForConditionalGeneration": _lazy("tm_idefics3", "idefics3_family"),
     "SmolVLMForConditionalGeneration": _lazy("tm_idefics3", "idefics3_family"),
+    "Qwen3VLMoeForConditionalGeneration": _lazy("tm_qwen3vlmoe", "qwen3vlmoe_family"),
 }
 #: model_type fallback when "architectures" is missing
 MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "llava": "LlavaForConditionalGeneration",
@@ -405,6 +410,7 @@ def resolve(family: Family, ckpt_shapes: dict[str, tuple[int, ...]]) -> tuple[li
     Returns (mapped rows in table order, {ckpt name: drop reason}).  Raises ValueError listing
     unmapped checkpoint tensors, table rows with no tensor, and shape mismatches.
     """
+    ckpt_shapes = fused_parts(family, ckpt_shapes)
     pats = [(_pattern(e.src), e) for e in family.entries]
     drops = [(re.compile(p), why) for p, why in family.drops]
     found: dict[tuple[int, int | None], Mapped] = {}
@@ -464,6 +470,34 @@ def _resolve_tied(pats: list[tuple[re.Pattern, Entry]], found: dict[tuple[int, i
             continue
         t = by_src[e.tied_from]
         found[(idx, None)] = Mapped(t.ckpt, e.src, e, e.key, None, t.shape)
+
+
+def fused_parts(family: Family, ckpt_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``ckpt_shapes`` with every fused tensor of ``family.fused`` replaced by its parts, named
+    ``{ckpt}.{e}`` (whole slice e) or ``{ckpt}.{e}.{part}`` (row block ``part`` of slice e), each
+    with the [N, K] shape the file stores.  Slices are read as transformers reads them: as they
+    are when a slice is [N, K] (what ``save_pretrained`` of transformers 5 writes), transposed
+    when it is [K, N] (the hub layout of Qwen3-VL-MoE); a slice that is neither keeps its own
+    shape, so that resolve reports the mismatch."""
+    if not family.fused:
+        return ckpt_shapes
+    specs = [(re.compile(p), nk, parts) for p, nk, parts in family.fused]
+    out: dict[str, tuple[int, ...]] = {}
+    for ckpt, shape in ckpt_shapes.items():
+        canon = family.canonical(ckpt)
+        spec = next(((nk, parts) for p, nk, parts in specs if p.search(canon)), None)
+        if spec is None or len(shape) != 3:
+            out[ckpt] = shape
+            continue
+        n, k = (family.dims[s] if isinstance(s, str) else s for s in spec[0])
+        parts = spec[1]
+        slice_nk = (n, k) if tuple(shape[1:]) in ((n, k), (k, n)) else tuple(shape[1:])
+        for e in range(shape[0]):
+            if not parts:
+                out[f"{ckpt}.{e}"] = slice_nk
+            for part in parts:
+                out[f"{ckpt}.{e}.{part}"] = (slice_nk[0] // len(parts), slice_nk[1])
+    return out
 
 
 def _tower_rank(tower: str) -> int:

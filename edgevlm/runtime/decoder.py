@@ -17,6 +17,14 @@ and gives each rotary frequency the position of its section, as transformers'
 
 KV cache: float32 [layers][Hkv, ctx, hd] for K and V, allocated once (``np.zeros``, so pages
 the sequence never reaches are never touched); a prompt that does not fit is a ValueError.
+
+Qwen3 / Qwen3-VL-MoE additions, each chosen per layer from the file's keys (absent keys = the
+Llama/Qwen2 path above, unchanged): RMSNorm over each head's q and k before RoPE
+(``attn.q_norm`` / ``attn.k_norm``); a sparse MoE MLP (:mod:`.moe`) where the layer has
+``moe.router.weight``; interleaved mrope (``mrope_interleaved``: frequency j takes h where
+j % 3 == 1 and j < 3 s_h, w where j % 3 == 2 and j < 3 s_w, t elsewhere, as Qwen3-VL's
+``recomposition_frequencies``); and DeepStack (:class:`DeepStack`): image features added to the
+outputs of the first decoder layers at the image-token rows.
 """
 
 from __future__ import annotations
@@ -29,10 +37,14 @@ import numpy as np
 
 from .layers import Embedding, Linear, get_activation, rms_norm, vector
 from .linear import QuantLinear
+from .moe import MoE
 
-__all__ = ["Decoder", "KVCache", "rope_inv_freq"]
+__all__ = ["DeepStack", "Decoder", "KVCache", "rope_inv_freq"]
 
 F32 = np.float32
+#: text model types whose mrope is interleaved even when the config does not say so (transformers'
+#: Qwen3-VL rotary always interleaves)
+_INTERLEAVED_MROPE = ("qwen3_vl_text", "qwen3_vl_moe_text")
 
 
 def _rope_params(c: dict) -> dict:
@@ -91,12 +103,29 @@ class KVCache:
         self.length = 0
 
 
+@dataclass
+class DeepStack:
+    """Qwen3-VL DeepStack: ``features[l]`` float32 [n, D] is added to the output of decoder layer l
+    at the rows where ``mask`` (bool [T], the prompt's image tokens, n of them) is set."""
+
+    mask: np.ndarray
+    features: list[np.ndarray]
+
+
 class _Layer:
-    def __init__(self, f: Any, p: str, eps: float, isa: str | None) -> None:
+    def __init__(self, f: Any, p: str, eps: float, isa: str | None, config: dict | None = None) -> None:
         self.n1 = vector(f, f"{p}.norm1.weight")
         self.n2 = vector(f, f"{p}.norm2.weight")
         self.q, self.k, self.v, self.o = (Linear.from_file(f, f"{p}.attn.{x}", isa=isa) for x in "qkvo")
-        self.gate, self.up, self.down = (Linear.from_file(f, f"{p}.mlp.{x}", isa=isa) for x in ("gate", "up", "down"))
+        # Qwen3: RMSNorm over each head's q / k (weights [hd]) before RoPE
+        qn, kn = f"{p}.attn.q_norm.weight", f"{p}.attn.k_norm.weight"
+        self.q_norm = vector(f, qn) if qn in f.records else None
+        self.k_norm = vector(f, kn) if kn in f.records else None
+        self.moe = MoE.from_file(f, f"{p}.moe", config or {}, isa=isa) if f"{p}.moe.router.weight" in f.records \
+            else None
+        if self.moe is None:
+            self.gate, self.up, self.down = (Linear.from_file(f, f"{p}.mlp.{x}", isa=isa)
+                                             for x in ("gate", "up", "down"))
         self.eps = eps
 
 
@@ -127,10 +156,14 @@ class Decoder:
                 raise ValueError(f"mrope_section {self.mrope} must sum to head_dim/2 = {self.inv_freq.size}")
             # frequency j takes the position of section sec[j] (0: t, 1: h, 2: w)
             self._sec = np.repeat(np.arange(3), self.mrope)
+            if _rope_params(c).get("mrope_interleaved") or c.get("model_type") in _INTERLEAVED_MROPE:
+                sec = np.zeros(self.inv_freq.size, dtype=np.int64)         # Qwen3-VL: t h w t h w ...
+                sec[1:3 * self.mrope[1]:3], sec[2:3 * self.mrope[2]:3] = 1, 2
+                self._sec = sec
         self.max_positions = int(c.get("max_position_embeddings") or 0) or None
         self.tok = Embedding.from_file(f, "text.embed.tok")
         self.vocab = self.tok.v
-        self.layers = [_Layer(f, f"text.blocks.{i}", self.eps, isa) for i in range(self.n_layers)]
+        self.layers = [_Layer(f, f"text.blocks.{i}", self.eps, isa, c) for i in range(self.n_layers)]
         self.norm = vector(f, "text.norm.weight")
         if "lm_head.weight" in f.records:
             self.head = Linear.from_file(f, "lm_head", isa=isa)
@@ -183,10 +216,11 @@ class Decoder:
         return out if r == x.shape[-1] else np.concatenate([out, x[..., r:]], axis=-1)
 
     def forward(self, x: np.ndarray, cache: KVCache, positions: np.ndarray | None = None, *,
-                all_logits: bool = False) -> np.ndarray:
+                all_logits: bool = False, deepstack: DeepStack | None = None) -> np.ndarray:
         """Append T tokens (embeddings x [T, D]) to ``cache`` and return logits float32 [V] of the
         last token, or [T, V] with ``all_logits``.  ``positions``: int [T] or (mrope) [3, T];
-        default ``cache.length + arange(T)``."""
+        default ``cache.length + arange(T)``.  ``deepstack``: features added to the first
+        layers' outputs at its mask's rows (Qwen3-VL prefill)."""
         x = np.asarray(x, dtype=F32)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"decoder input must be [T, {self.dim}] float32, got {x.shape}")
@@ -196,6 +230,10 @@ class Decoder:
                              f"(prompt/generation too long); raise ctx (--ctx) or shorten the prompt")
         if positions is None:
             positions = np.arange(start, start + t)
+        if deepstack is not None and (np.shape(deepstack.mask) != (t,) or len(deepstack.features) > self.n_layers):
+            raise ValueError(f"DeepStack mask must be bool [{t}] (one flag per input row) with at most "
+                             f"{self.n_layers} feature arrays, got mask {np.shape(deepstack.mask)} and "
+                             f"{len(deepstack.features)} arrays")
         cos, sin = self._cos_sin(positions)
         hq, hkv, hd = self.n_heads, self.n_kv, self.head_dim
         rep = hq // hkv
@@ -210,6 +248,10 @@ class Decoder:
             q = L.q(h).reshape(t, hq, hd).transpose(1, 0, 2)                 # [Hq, T, hd]
             k = L.k(h).reshape(t, hkv, hd).transpose(1, 0, 2)                # [Hkv, T, hd]
             v = L.v(h).reshape(t, hkv, hd).transpose(1, 0, 2)
+            if L.q_norm is not None:
+                q = rms_norm(q, L.q_norm, self.eps)
+            if L.k_norm is not None:
+                k = rms_norm(k, L.k_norm, self.eps)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kc, vc = cache.k[li], cache.v[li]
             kc[:, start:end] = k
@@ -228,7 +270,9 @@ class Decoder:
             a = a.reshape(hq, t, hd).transpose(1, 0, 2).reshape(t, hq * hd)
             x = x + L.o(a)
             h = rms_norm(x, L.n2, self.eps)
-            x = x + L.down(self.act(L.gate(h)) * L.up(h))
+            x = x + (L.moe(h) if L.moe is not None else L.down(self.act(L.gate(h)) * L.up(h)))
+            if deepstack is not None and li < len(deepstack.features):
+                x[deepstack.mask] += deepstack.features[li]
         cache.length = end
         if not all_logits:
             x = x[-1:]

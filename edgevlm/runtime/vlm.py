@@ -152,7 +152,7 @@ class Runtime:
     def logits(self, p: Prepared) -> np.ndarray:
         """Logits float32 [T, V] for every prompt position (a fresh cache; for tests and scoring)."""
         cache = self.decoder.new_cache(p.input_ids.size)
-        return self.decoder.forward(self._embed(p), cache, p.positions, all_logits=True)
+        return self.decoder.forward(self._embed(p), cache, p.positions, all_logits=True, deepstack=p.deepstack)
 
     # -- generation ----------------------------------------------------------------------------
     def _positions(self, p: Prepared, i: int) -> np.ndarray | None:
@@ -173,7 +173,7 @@ class Runtime:
         cache = self.cache
         cache.reset()
         t0 = time.perf_counter()
-        logits = self.decoder.forward(self._embed(p), cache, p.positions)
+        logits = self.decoder.forward(self._embed(p), cache, p.positions, deepstack=p.deepstack)
         seen = list(p.input_ids.tolist())
         out: list[int] = []
         t_first = None

@@ -43,12 +43,15 @@ class Prepared:
     positions       None (positions are 0..T-1) or int64 [3, T] (Qwen2-VL multimodal RoPE: t, h, w).
     rope_delta      int: for a generated token at sequence index i (i >= T) the position is
                     i + rope_delta in all three sections (Qwen2-VL's ``rope_deltas``; 0 otherwise).
+    deepstack       None or a decoder.DeepStack (Qwen3-VL): vision features the prompt's prefill
+                    adds to the first decoder layers' outputs at the image-token rows.
     """
 
     input_ids: np.ndarray
     image_features: np.ndarray | None = None
     positions: np.ndarray | None = None
     rope_delta: int = 0
+    deepstack: Any = None
 
 
 class VisionFamily(Protocol):
@@ -68,6 +71,7 @@ FAMILY_CLASSES: dict[str, tuple[str, str]] = {
     "qwen2_5_vl": ("edgevlm.runtime.qwen2vl", "Qwen2VLVision"),
     "idefics3": ("edgevlm.runtime.idefics3", "Idefics3Vision"),
     "smolvlm": ("edgevlm.runtime.idefics3", "Idefics3Vision"),
+    "qwen3_vl_moe": ("edgevlm.runtime.qwen3vl", "Qwen3VLVision"),
 }
 
 
