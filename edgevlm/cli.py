@@ -7,6 +7,7 @@
     edgevlm classify MODEL IMGS   zero-shot classification of an image stream (CLIP/SigLIP), --adapt for Q-TTA
     edgevlm embed MODEL           image / text embeddings to .npy or .json
     edgevlm run MODEL --prompt P  generate text about images (LLaVA, Qwen2-VL, Idefics3/SmolVLM .evlm)
+    edgevlm serve MODEL...        OpenAI-compatible HTTP server (chat, embeddings, classify; the server extra)
 
 Each subcommand parses its flags and calls one function; errors print a one-line message
 and exit with status 2 (bad input) or 1 (corrupt file) instead of a traceback.
@@ -293,6 +294,63 @@ def _run_parser(sub) -> None:
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
+def _serve_parser(sub) -> None:
+    from .server.config import DEFAULT_MAX_BODY, DEFAULT_MAX_PIXELS, DEFAULT_REMOTE_BYTES, DEFAULT_REMOTE_TIMEOUT
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'edgevlm[server]')",
+                       description="Serve .evlm models over HTTP: /v1/chat/completions (generative VLMs), "
+                                   "/v1/embeddings and /v1/classify (CLIP/SigLIP), /v1/models, /health, /metrics. "
+                                   "OpenAPI schema at /openapi.json.")
+    s.add_argument("models", nargs="+", help="one or more .evlm files; a request's 'model' picks one by id")
+    s.add_argument("--name", action="append", default=[],
+                   help="model id, once per model in order (default: each file's stem)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", default=os.environ.get("EDGEVLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $EDGEVLM_API_KEY; none = open)")
+    s.add_argument("--max-queue", type=int, default=8,
+                   help="requests that may wait for the model; more get 503 + Retry-After")
+    s.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
+    s.add_argument("--allowed-image-dir", default=None, help="serve local image paths from under this folder only")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="request body limit (413 beyond)")
+    s.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="per-image pixel limit")
+    s.add_argument("--max-remote-image-bytes", type=int, default=DEFAULT_REMOTE_BYTES,
+                   help="bytes read from one remote URL or local image file")
+    s.add_argument("--remote-timeout", dest="remote_timeout_s", type=float, default=DEFAULT_REMOTE_TIMEOUT,
+                   help="seconds for one remote image fetch")
+    s.add_argument("--ctx", type=int, default=None, help="KV-cache length of generative models")
+    s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    s.add_argument("--max-streams", type=int, default=64, help="Q-TTA stream states kept per label set (LRU)")
+    s.add_argument("--label-sets", default=None, help='JSON file of named label sets: {"name": ["a", "b"], ...}')
+    s.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float, default=10.0,
+                   help="seconds in-flight work may finish after SIGTERM before it is cancelled")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.config import ServerConfig, load_label_sets
+
+    cfg = ServerConfig(models=tuple(args.models), names=tuple(args.name), host=args.host, port=args.port,
+                       api_key=args.api_key, max_queue=args.max_queue, threads=args.threads,
+                       allow_remote_images=args.allow_remote_images, allowed_image_dir=args.allowed_image_dir,
+                       max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
+                       max_remote_image_bytes=args.max_remote_image_bytes, remote_timeout_s=args.remote_timeout_s,
+                       ctx=args.ctx, default_max_tokens=args.default_max_tokens, max_streams=args.max_streams,
+                       label_sets=load_label_sets(args.label_sets) if args.label_sets else {},
+                       shutdown_grace_s=args.shutdown_grace_s, log_level=args.log_level)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from .server import serve
+    except ImportError as e:
+        raise ValueError(f"edgevlm serve needs the server extra ({e.name} is missing): "
+                         "pip install 'edgevlm[server]'") from None
+    serve(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Quantized vision-language models on edge hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -304,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _dual_parsers(sub)
     _run_parser(sub)
+    _serve_parser(sub)
     return p
 
 
@@ -326,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_embed(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except BrokenPipeError:
         # `edgevlm info x.evlm | head`: the reader left; stop quietly, as cat/ls do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
