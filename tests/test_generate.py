@@ -125,6 +125,34 @@ def test_quantized_logits_stay_within_documented_bounds(llava, bits, min_cos):
         assert _cos(rt.logits(p), gold[f"logits_{i}"]) >= min_cos
 
 
+def test_c_decode_step_equals_numpy_loop(llava):
+    """Decode steps run the C++ glue ops (Decoder._step); the numpy loop is their twin: same
+    logits to float32 rounding over several cached positions, same greedy tokens."""
+    src, gold, d = llava
+    rt = Runtime.load(_export(src, d / "q4.evlm", method="rtn", bits=4), isa="ref")
+    dec = rt.decoder
+    assert dec.fast_decode
+    p = rt.prepare(str(gold["prompt_0"]), [synthetic_images()[0]])
+    caches = []
+    for fast in (True, False):
+        dec.fast_decode = fast
+        cache = dec.new_cache(p.input_ids.size + 8)
+        dec.forward(rt._embed(p), cache, p.positions)
+        caches.append((cache, [dec.forward(dec.embed([t]), cache) for t in (5, 9, 2, 7)]))
+    dec.fast_decode = True
+    (c_fast, fast), (c_np, ref) = caches
+    for a, b in zip(fast, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(c_fast.k + c_fast.v, c_np.k + c_np.v):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    ids = rt.generate_ids(p, max_tokens=N_NEW)
+    dec.fast_decode = False
+    try:
+        assert rt.generate_ids(p, max_tokens=N_NEW) == ids
+    finally:
+        dec.fast_decode = True
+
+
 def test_kv_cache_decode_equals_full_forward(llava):
     src, gold, d = llava
     rt = Runtime.load(_export(src, d / "f16.evlm", method="rtn", bits=16))

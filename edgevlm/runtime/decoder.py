@@ -39,6 +39,11 @@ from .layers import Embedding, Linear, get_activation, rms_norm, vector
 from .linear import QuantLinear
 from .moe import MoE
 
+try:
+    from .. import _core
+except ImportError:  # a source checkout without the built extension: the numpy path only
+    _core = None
+
 __all__ = ["DeepStack", "Decoder", "KVCache", "rope_inv_freq"]
 
 F32 = np.float32
@@ -146,6 +151,9 @@ class Decoder:
             raise ValueError(f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv}")
         self.eps = float(c.get("rms_norm_eps", 1e-6))
         self.act = get_activation(c.get("hidden_act", "silu"))
+        #: decode steps (one token) run the C++ glue ops (:meth:`_step`); False: the numpy loop
+        self.fast_decode = (hasattr(_core, "attend_decode")  # False without the extension (or a stale build)
+                            and c.get("hidden_act", "silu") in ("silu", "swish"))
         self.config = c
         self.inv_freq = rope_inv_freq(c, self.head_dim)                   # [rot/2]
         self.rot = 2 * self.inv_freq.size
@@ -235,6 +243,10 @@ class Decoder:
                              f"{self.n_layers} feature arrays, got mask {np.shape(deepstack.mask)} and "
                              f"{len(deepstack.features)} arrays")
         cos, sin = self._cos_sin(positions)
+        if t == 1 and self.fast_decode and deepstack is None:
+            logits = self._step(x, cache, cos[0], sin[0])
+            cache.length = start + 1
+            return logits[None] if all_logits else logits
         hq, hkv, hd = self.n_heads, self.n_kv, self.head_dim
         rep = hq // hkv
         end = start + t
@@ -278,3 +290,18 @@ class Decoder:
             x = x[-1:]
         logits = self.head(rms_norm(x, self.norm, self.eps))
         return logits if all_logits else logits[0]
+
+    def _step(self, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """One token x [1, D] through every layer -> logits [V]: the numpy loop of
+        :meth:`forward` with its glue (norms, RoPE, cache write, attention, residuals, SwiGLU
+        gate) in three C++ calls per layer (csrc/ops/decode_ops.h).  cos, sin: float32 [rot]."""
+        pos, eps, scale = cache.length, self.eps, float(F32(self.head_dim ** -0.5))
+        x = np.array(x, dtype=F32)                  # the residual stream, updated in place
+        h = _core.rms_norm(x, self.layers[0].n1, eps)
+        for li, L in enumerate(self.layers):
+            a = _core.attend_decode(L.q(h), L.k(h), L.v(h), cache.k[li], cache.v[li], pos, cos, sin,
+                                    L.q_norm, L.k_norm, eps, scale)
+            h = _core.add_rms_norm(x, L.o(a), L.n2, eps)
+            m = L.moe(h) if L.moe is not None else L.down(_core.silu_mul(L.gate(h), L.up(h)))
+            h = _core.add_rms_norm(x, m, self.layers[li + 1].n1 if li + 1 < self.n_layers else self.norm, eps)
+        return self.head(h)[0]
