@@ -4,8 +4,8 @@
 // write, grouped-query attention and SiLU-gating; in numpy that is ~60 small array calls per
 // layer (~165 us measured on a 28-layer 2B model, ~4.6 ms per token), a large slice of a
 // 20 ms 2-bit token and more on a Raspberry Pi's slower cores. Here it is three calls.
-// Portable C++ (compiled for the baseline target like the reference kernels; the compiler
-// vectorises the inner loops); the numpy code in edgevlm/runtime/decoder.py is its twin.
+// Plain C++ loops (decode_impl.h) built for the baseline target and, on x86-64, for AVX2+FMA;
+// the numpy code in edgevlm/runtime/decoder.py is their twin.
 #pragma once
 
 #include <cstdint>
@@ -17,8 +17,7 @@ namespace ev {
 // pairwise mean. x and y may alias.
 void rms_norm_row(const float* x, const float* w, int64_t d, float eps, float* y);
 
-// out[n] = silu(g[n]) * u[n], silu(v) = v / (1 + exp(-v)) evaluated as v * 0.5 * (1 + tanh(v / 2))
-// like the numpy twin (no overflow for large |v|).
+// out[n] = silu(g[n]) * u[n] = g u / (1 + e^-g), e^x by a polynomial (relative error < 2e-7).
 void silu_mul(const float* g, const float* u, int64_t n, float* out);
 
 // One query token against the KV cache, grouped-query attention.
@@ -46,5 +45,10 @@ struct AttnDecodeArgs {
   float* out;
 };
 void attend_decode(const AttnDecodeArgs& a, int threads);
+
+// The AVX2+FMA builds (csrc/kernels/avx2/decode_avx2.cc), chosen by the functions above.
+void rms_norm_row_avx2(const float* x, const float* w, int64_t d, float eps, float* y);
+void silu_mul_avx2(const float* g, const float* u, int64_t n, float* out);
+void attend_decode_avx2(const AttnDecodeArgs& a, int threads);
 
 }  // namespace ev
