@@ -40,7 +40,7 @@ import edgevlm._core as core
 
 SHAPES = [(768, 3072), (3072, 768), (896, 4864), (2048, 2048), (4096, 4096), (4096, 14336)]
 MS = [1, 16, 197]
-QTYPES = ["q2", "q3", "q4", "q8"]
+QTYPES = ["q2", "q3", "q4", "q8", "q2b"]  # q2b: fixed group 16 (run_edgevlm)
 MIB = 2**20
 WARM_SET_MAX = 64 * MIB  # M >= 16: at most this many weight bytes, but >= 2 copies
 # Bars (see --results): thresholds, all "at least".
@@ -285,7 +285,7 @@ class Runner:
         """All qtypes/groups, M values and thread counts for one shape."""
         isa = self.args.isa
         for qt in self.args.qtypes:
-            for g in self.args.groups:
+            for g in ([16] if qt == "q2b" else self.args.groups):
                 blob = core.quantize(w, qt, g)
                 nbytes = core.packed_size(qt, n, k, g)
                 cold = [blob] + [blob.copy() for _ in range(n_copies(nbytes, 1, self.args.cold_bytes) - 1)]

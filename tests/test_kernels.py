@@ -21,7 +21,7 @@ from edgevlm import _core, qtypes
 from edgevlm.runtime import QuantLinear
 
 EPS32 = float(np.finfo(np.float32).eps)
-QTYPES = ["q2", "q3", "q4", "q8"]
+QTYPES = ["q2", "q3", "q4", "q8"]  # q2b (fixed group 16) has its own tests below
 MS = [1, 3, 16, 197]
 NS = [1, 7, 64, 100]
 KS = [32, 96, 160, 384, 1024]
@@ -135,7 +135,7 @@ def test_bad_input_raises_value_error(rng):
         (dict(x=x[:, :96].copy()), r"expected K to be a positive multiple of the group size 64, got K=96"),
         (dict(x=x[:, :64].copy()), r"expected w of \d+ bytes .* got \d+"),
         (dict(n=n + 1), r"expected w of \d+ bytes"),
-        (dict(qtype="q5"), "expected qtype one of q2|q3|q4|q8, got 'q5'"),
+        (dict(qtype="q5"), "expected qtype one of q2|q3|q4|q8|q2b, got 'q5'"),
         (dict(group=48), "expected group size 32, 64 or 128, got 48"),
         (dict(bias=np.zeros(n + 1, np.float32)), r"expected bias of shape \[16\]"),
         (dict(bias=np.zeros(n, np.float64)), "expected bias.dtype float32"),
@@ -172,3 +172,69 @@ def test_isa_env_override_in_subprocess():
                           "c.linear(np.zeros((1,32),np.float32), np.zeros(c.packed_size('q4',1,32,32),np.uint8),'q4',32,1)"],
                          env={**__import__("os").environ, "EDGEVLM_ISA": "bogus"}, capture_output=True, text=True)
     assert bad.returncode != 0 and "EDGEVLM_ISA" in bad.stderr and "bogus" in bad.stderr
+
+
+# ---- q2b (bilevel scales, fixed group 16): activations are int8 per group of 16 ----------
+Q2B_NS = [1, 7, 16, 17, 33, 100]
+Q2B_KS = [32, 96, 160, 256, 384, 1024]  # tails of 32/96/32 codes, whole units, several units
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_q2b_linear_matches_references(rng, isa):
+    t = qtypes.get("q2b")
+    checked = 0
+    for k in Q2B_KS:
+        for n in Q2B_NS:
+            for m in [1, 2, 5, 16, 197]:
+                if m * n * k > 4_000_000 or (m == 197 and n not in (17, 33)):
+                    continue
+                w = weights(rng, n, k, 16)
+                blob = t.pack(w, 16)
+                deq = t.dequantize(blob, n, k, 16).astype(np.float64)
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[0, :16] = 0.0  # an all-zero activation group (d = 0)
+                bias = rng.standard_normal(n).astype(np.float32) if (m + n) % 2 else None
+                y64 = x.astype(np.float64) @ deq.T + (0 if bias is None else bias)
+                mag = np.abs(x).astype(np.float64) @ np.abs(deq).T
+                y_ref = _core.linear(x, blob, "q2b", 16, n, bias=bias, isa="ref")
+                assert np.all(np.abs(y_ref - y64) <= EPS32 * np.abs(y64) + EPS32 * 1e-3 * mag + 1e-30), (m, n, k)
+                y = _core.linear(x, blob, "q2b", 16, n, bias=bias, isa=isa, threads=2)
+                tol = (k // 16 + 8) * EPS32 * mag + 1e-30
+                if isa != "ref":
+                    tol = tol + _act_bound(x, deq, 16)
+                err = np.abs(y.astype(np.float64) - y_ref)
+                assert np.all(err <= tol), f"{isa} q2b M={m} N={n} K={k}: max excess {(err - tol).max()}"
+                np.testing.assert_array_equal(y, _core.linear(x, blob, "q2b", 16, n, bias=bias, isa=isa, threads=1))
+                if m == 1:  # 1-D input and QuantLinear take the same path
+                    np.testing.assert_array_equal(QuantLinear(blob, "q2b", n, k, 16, bias=bias)(x[0], isa=isa), y[0])
+                checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("isa", [i for i in supported_isas() if i != "ref"])
+def test_q2b_activation_groups_of_16_match_reference(rng, isa):
+    x = rng.standard_normal((5, 384)).astype(np.float32) * np.float32(3.0)
+    x[1, :16] = 0.0
+    x[2, :] = np.round(x[2, :])
+    q_ref, d_ref, s_ref = _core.quantize_acts(x, 16, isa="ref")
+    q, d, s = _core.quantize_acts(x, 16, isa=isa)
+    np.testing.assert_array_equal(d, d_ref)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    assert d.shape == (5, 24)
+
+
+def test_q2b_bad_input_raises_value_error(rng):
+    n, k = 16, 128
+    blob = qtypes.get("q2b").pack(rng.standard_normal((n, k)).astype(np.float32), 16)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"\[linear\] expected group size 16 for q2b \(fixed by the type\), got 32"):
+        _core.linear(x, blob, "q2b", 32, n)
+    with pytest.raises(ValueError, match=r"\[linear\] expected K to be a positive multiple of 32 for q2b, got K=48"):
+        _core.linear(np.zeros((1, 48), np.float32), blob, "q2b", 16, n)
+    with pytest.raises(ValueError, match=r"\[linear\] expected w of \d+ bytes for q2b N=17"):
+        _core.linear(x, blob, "q2b", 16, n + 1)
+    with pytest.raises(ValueError, match="expected group size 32, 64 or 128, got 16"):
+        _core.linear(x, qtypes.get("q4").pack(np.zeros((n, k), np.float32), 32), "q4", 16, n)
+    with pytest.raises(ValueError, match=r"\[q2b.packed_size\] expected group size 16"):
+        QuantLinear(blob, "q2b", n, k, 32)

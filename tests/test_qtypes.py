@@ -104,3 +104,110 @@ def test_bad_input_raises_value_error(name):
         _core.quantize(np.zeros((2, 96), np.float32), name, 128)
     with pytest.raises(ValueError, match=r"\[quantize\] expected w.dtype float32, got float64"):
         _core.quantize(np.zeros((2, 64)), name, 32)
+
+
+# ---- q2b: 2-bit codes with bilevel scales (SPEED-Q), fixed group 16 ----------------------
+
+Q2B_SHAPES = [(1, 32), (7, 96), (16, 160), (17, 224), (33, 384), (48, 4096)]
+
+
+def _speedq_fake_quant_torch(w: np.ndarray) -> np.ndarray:
+    """SPEED-Q's int2-bilevel fake quantization (b=2, g=16, 4-bit asymmetric scales in runs of
+    16, unrounded float level-2 zero, 2-bit rounded zeros), written independently from
+    design.md Part 2 §4 in torch float32, including SPEED-Q's (group, row) regrouping."""
+    import torch
+
+    n, k = w.shape
+    x = torch.from_numpy(w).reshape(n, k // 16, 16).permute(1, 0, 2).reshape(-1, 16)
+
+    def minmax(v, qmax):
+        lo, hi = v.min(1).values, v.max(1).values
+        same = lo == hi
+        lo = torch.where(same, torch.tensor(-1.0), lo)
+        hi = torch.where(same, torch.tensor(1.0), hi)
+        s = ((hi - lo) / qmax).clamp_min(1e-5)
+        return s, -lo / s
+
+    s, z = minmax(x, 3)
+    z = torch.round(z).clamp(0, 3)
+    s2, z2 = minmax(s.reshape(-1, 16), 15)
+    c = torch.clamp(torch.round(s.reshape(-1, 16) / s2[:, None].clamp_min(1e-9) + z2[:, None]), 0, 15)
+    S = (s2[:, None] * (c - z2[:, None])).reshape(-1)
+    q = torch.clamp(torch.round(x / S[:, None].clamp_min(1e-9) + z[:, None]), 0, 3)
+    deq = S[:, None] * (q - z[:, None])
+    return deq.reshape(k // 16, n, 16).permute(1, 0, 2).reshape(n, k).numpy()
+
+
+@pytest.mark.parametrize("n,k", Q2B_SHAPES)
+def test_q2b_round_trip_and_cpp_agreement(rng, n, k):
+    t = qtypes.get("q2b")
+    w = weights(rng, n, k, 16) * np.float32(0.05)
+    blob = t.pack(w, 16)
+    assert blob.size == t.packed_size(n, k, 16) == _core.packed_size("q2b", n, k, 16)
+    np.testing.assert_array_equal(blob, _core.quantize(w, "q2b", 16))  # numpy == C++ writer, bit for bit
+    deq = t.dequantize(blob, n, k, 16)
+    np.testing.assert_array_equal(deq, _core.dequantize(blob, "q2b", 16, n, k))
+    parts = t.unpack(blob, n, k, 16)
+    np.testing.assert_array_equal(t.pack_parts(*parts), blob)
+    codes = rng.integers(0, 4, size=(n, k), dtype=np.uint8)
+    np.testing.assert_array_equal(t.impl.unpack_codes(t.impl.pack_codes(codes), k), codes)
+    assert np.all(deq[0, :16] == 0)  # an all-zero group stays exact
+    # the level-1 rounding bound where the level-2 scale still covers the group's range
+    S = np.repeat(np.abs(t.impl.group_scales(parts.scale_codes, parts.d, parts.m)), 16, axis=1)
+    inside = (w >= deq.min() - 1) & (np.abs(w - deq) <= 3 * S)
+    assert inside.mean() > 0.9
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (32, 160), (48, 4096)])
+def test_q2b_is_speedq_fake_quant_bit_for_bit(rng, n, k):
+    pytest.importorskip("torch")
+    t = qtypes.get("q2b")
+    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.02)
+    w[0, :16] = 0.0
+    w[1:16, 16:32] = w[0:1, 16:32] * 3  # rows with equal level-1 scales (level-2 lo == hi)
+    w[3, :16] = 0.1  # a constant group
+    np.testing.assert_array_equal(t.dequantize(t.pack(w, 16), n, k, 16), _speedq_fake_quant_torch(w))
+
+
+def test_q2b_from_speedq_ordering(rng):
+    t = qtypes.get("q2b")
+    n, k = 32, 96
+    g, nb = k // 16, n // 16
+    p = t.quantize(rng.standard_normal((n, k)).astype(np.float32), 16)
+    # SPEED-Q's tensors: per-group values in (group, row) order, level-2 in (group, block) order
+    sq = dict(quant_weights=p.codes.reshape(-1, 16).astype(np.int8), quant_scale=p.scale_codes.T.reshape(-1, 16),
+              zeros=p.zeros.T.reshape(-1, 1).astype(np.float32), qq_scale=p.d.T.reshape(-1, 1), qq_zero=p.m.T.reshape(-1, 1))
+    back = t.impl.from_speedq(**sq, n=n, k=k)
+    for a, b in zip(back, p):
+        np.testing.assert_array_equal(a, b)
+    assert back.d.shape == (nb, g)
+    with pytest.raises(ValueError, match="N % 16 == 0"):
+        t.impl.from_speedq(**sq, n=24, k=k)
+
+
+def test_q2b_sizes_and_group_record():
+    t = qtypes.get("q2b")
+    assert t.group_sizes == (16,) and t.bits == 2
+    assert t.bits_per_weight() == 2.625
+    assert 8 * t.packed_size(64, 4096, 16) / (64 * 4096) == 2.625
+    # short last row block and a K % 64 == 32 row (half-used zero byte) are counted exactly
+    assert t.packed_size(17, 32, 16) == 17 * 8 + 2 * 2 * 4 * 2 + 17 * 1 + 17 * 1
+    for name in QTYPES:
+        assert qtypes.get(name).group_sizes == qtypes.GROUP_SIZES
+
+
+def test_q2b_bad_input_raises_value_error():
+    t = qtypes.get("q2b")
+    with pytest.raises(ValueError, match=r"expected group size 16 \(fixed by the q2b type\), got 32"):
+        t.pack(np.zeros((2, 64), np.float32), 32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        t.pack(np.zeros((2, 48), np.float32), 16)
+    with pytest.raises(ValueError, match="finite"):
+        t.pack(np.full((1, 32), np.nan, np.float32), 16)
+    with pytest.raises(ValueError, match="blob of"):
+        t.unpack(np.zeros(10, np.uint8), 1, 32, 16)
+    with pytest.raises(ValueError, match=r"expected codes uint8"):
+        t.pack_parts(np.full((1, 32), 4, np.uint8), np.zeros((1, 2), np.uint8), np.zeros((1, 2), np.uint8),
+                     np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError, match=r"\[quantize\] expected group size 16 for q2b"):
+        _core.quantize(np.zeros((2, 64), np.float32), "q2b", 32)

@@ -22,7 +22,7 @@ namespace {
 ev::QType parse_qtype(const char* op, const std::string& s) {
   for (int i = 0; i < ev::kNumQTypes; ++i)
     if (s == ev::qtype_name((ev::QType)i)) return (ev::QType)i;
-  fail(op, "expected qtype one of q2|q3|q4|q8, got '", s, "'");
+  fail(op, "expected qtype one of q2|q3|q4|q8|q2b, got '", s, "'");
 }
 
 ev::Isa resolve_isa(const char* op, const std::optional<std::string>& s) {
@@ -37,6 +37,14 @@ ev::Isa resolve_isa(const char* op, const std::optional<std::string>& s) {
 void check_group(const char* op, int group, int64_t k) {
   if (!ev::valid_group(group)) fail(op, "expected group size 32, 64 or 128, got ", group);
   if (k <= 0 || k % group != 0) fail(op, "expected K to be a positive multiple of the group size ", group, ", got K=", k);
+}
+
+// Per qtype: q2b has the fixed group 16 (its level-1 group) and needs K % 32 == 0 (the q2
+// code stream is built from 32-code granules).
+void check_group(const char* op, ev::QType t, int group, int64_t k) {
+  if (t != ev::QType::Q2B) return check_group(op, group, k);
+  if (group != ev::kQ2BGroup) fail(op, "expected group size 16 for q2b (fixed by the type), got ", group);
+  if (k <= 0 || k % ev::kGranule != 0) fail(op, "expected K to be a positive multiple of 32 for q2b, got K=", k);
 }
 
 std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
@@ -57,7 +65,7 @@ py::array_t<float> linear(py::array x, py::array w, const std::string& qtype, in
   if (x.ndim() != 1 && x.ndim() != 2) fail(op, "expected x of shape [M, K] or [K], got ndim=", x.ndim());
   const ev::QType t = parse_qtype(op, qtype);
   const int64_t K = x.shape(x.ndim() - 1), M = x.ndim() == 2 ? x.shape(0) : 1;
-  check_group(op, group, K);
+  check_group(op, t, group, K);
   if (n <= 0) fail(op, "expected n (output features) > 0, got ", n);
   if (w.ndim() != 1) fail(op, "expected w as a 1-D packed uint8 blob, got ndim=", w.ndim());
   const int64_t want = ev::packed_size(t, n, K, group);
@@ -100,10 +108,15 @@ py::array_t<uint8_t> quantize(py::array w, const std::string& qtype, int group) 
   if (w.ndim() != 2) fail(op, "expected w of shape [N, K], got ndim=", w.ndim());
   const ev::QType t = parse_qtype(op, qtype);
   const int64_t N = w.shape(0), K = w.shape(1);
-  check_group(op, group, K);
+  check_group(op, t, group, K);
   const float* wp = static_cast<const float*>(w.data());
-  for (int64_t i = 0; i < N * K; ++i)
-    if (!(std::fabs(wp[i]) <= 65504.f)) fail(op, "expected finite weights with |w| <= 65504 (fp16 range), got ", wp[i], " at flat index ", i);
+  if (t == ev::QType::Q2B) {  // fp32 scale planes: any finite weight
+    for (int64_t i = 0; i < N * K; ++i)
+      if (!std::isfinite(wp[i])) fail(op, "expected finite weights, got ", wp[i], " at flat index ", i);
+  } else {
+    for (int64_t i = 0; i < N * K; ++i)
+      if (!(std::fabs(wp[i]) <= 65504.f)) fail(op, "expected finite weights with |w| <= 65504 (fp16 range), got ", wp[i], " at flat index ", i);
+  }
   py::array_t<uint8_t> blob(ev::packed_size(t, N, K, group));
   uint8_t* bp = blob.mutable_data();
   {
@@ -117,7 +130,7 @@ py::array_t<float> dequantize(py::array w, const std::string& qtype, int group, 
   const char* op = "dequantize";
   check_array<uint8_t>(op, "w", w);
   const ev::QType t = parse_qtype(op, qtype);
-  check_group(op, group, k);
+  check_group(op, t, group, k);
   if (n <= 0) fail(op, "expected n > 0, got ", n);
   if (w.ndim() != 1 || w.shape(0) != ev::packed_size(t, n, k, group))
     fail(op, "expected a 1-D blob of ", ev::packed_size(t, n, k, group), " bytes, got ", w.ndim() == 1 ? w.shape(0) : -1);
@@ -136,7 +149,9 @@ py::tuple quantize_acts(py::array x, int group, std::optional<std::string> isa_n
   check_array<float>(op, "x", x);
   if (x.ndim() != 2) fail(op, "expected x of shape [M, K], got ndim=", x.ndim());
   const int64_t M = x.shape(0), K = x.shape(1);
-  check_group(op, group, K);
+  // 16: the activation groups of q2b (one int8 scale per weight group of 16).
+  if (group == 16) { if (K <= 0 || K % 32) fail(op, "expected K a positive multiple of 32 for group 16, got K=", K); }
+  else check_group(op, group, K);
   const ev::IsaKernels& kt = ev::kernels_for(resolve_isa(op, isa_name));
   py::array_t<int8_t> q({M, K});
   py::array_t<float> d({M, K / group}), s({M, K / group});
@@ -168,8 +183,9 @@ void init_kernels(py::module_& m) {
   m.def("quantize_acts", &quantize_acts, py::arg("x"), py::arg("group"), py::arg("isa") = py::none(),
         "int8 activation quantization used by the SIMD kernels: returns (q int8 [M,K], d f32 [M,G], s f32 [M,G]).");
   m.def("packed_size", [](const std::string& qtype, int64_t n, int64_t k, int group) {
-    check_group("packed_size", group, k);
-    return ev::packed_size(parse_qtype("packed_size", qtype), n, k, group);
+    const ev::QType t = parse_qtype("packed_size", qtype);
+    check_group("packed_size", t, group, k);
+    return ev::packed_size(t, n, k, group);
   }, py::arg("qtype"), py::arg("n"), py::arg("k"), py::arg("group"));
   m.def("stream_read", &stream_read, py::arg("buf"), py::arg("threads") = 0,
         "Read every byte of buf once on `threads` threads (memory bandwidth probe); returns a checksum.");

@@ -49,7 +49,8 @@ IsaKernels make_ref() {
   t.q[(int)QType::Q2] = {gemv_q2_##isa, gemm_q2_##isa}; \
   t.q[(int)QType::Q3] = {gemv_q3_##isa, gemm_q3_##isa}; \
   t.q[(int)QType::Q4] = {gemv_q4_##isa, gemm_q4_##isa}; \
-  t.q[(int)QType::Q8] = {gemv_q8_##isa, gemm_q8_##isa};
+  t.q[(int)QType::Q8] = {gemv_q8_##isa, gemm_q8_##isa}; \
+  t.q[(int)QType::Q2B] = {gemv_q2b_##isa, gemm_q2b_##isa};
 
 const IsaKernels* table(Isa isa) {
   static const IsaKernels ref = make_ref();

@@ -9,6 +9,11 @@ A packed weight W[N, K] is one uint8 blob of three planes (see ``csrc/qtypes/qty
     q2/q3/q4 (asymmetric):  w = scale * q + min,  q in [0, 2^bits - 1]
     q8       (symmetric):   w = scale * q,        q in [-127, 127]
 
+q2b (2-bit codes, bilevel scales: SPEED-Q) has its own planes and a group size fixed by the
+type (16, recorded as the tensor's ``group_size``); see ``q2b.py``. Each type lists the group
+sizes it accepts in ``QType.group_sizes``; ``GROUP_SIZES`` are those of q2/q3/q4/q8 (and the
+exporter's ``--group`` choices).
+
 ``pack`` (round-to-nearest), ``pack_parts`` (codes from any quantizer, e.g. GPTQ),
 ``unpack`` and ``dequantize`` are the reference the C++ kernels are tested against.
 """
@@ -21,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _rtn, q2, q3, q4, q8
+from . import _rtn, q2, q2b, q3, q4, q8
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -40,6 +45,7 @@ class QType:
     bits: int
     symmetric: bool
     impl: ModuleType
+    group_sizes: tuple[int, ...] = GROUP_SIZES
 
     # ---- sizes -------------------------------------------------------------------------
     def row_bytes(self, k: int) -> int:
@@ -124,11 +130,60 @@ class QType:
         return np.repeat(scales / 2, group, axis=1)
 
     def _check_shape(self, n: int, k: int, group: int, op: str) -> None:
-        if group not in GROUP_SIZES:
-            raise ValueError(f"[{self.name}.{op}] expected group size one of {GROUP_SIZES}, got {group}")
+        if group not in self.group_sizes:
+            raise ValueError(f"[{self.name}.{op}] expected group size one of {self.group_sizes}, got {group}")
         if n <= 0 or k <= 0 or k % group:
             raise ValueError(f"[{self.name}.{op}] expected N > 0 and K a positive multiple of {group}, "
                              f"got N={n} K={k}")
+
+
+@dataclass(frozen=True)
+class BilevelQType(QType):
+    """q2b: 2-bit codes, 4-bit scale codes + 2-bit zeros per group of 16, fp32 level-2 scale and
+    zero per (16-row block, group). ``group`` must be 16 (``group_sizes``); ``unpack`` returns
+    ``q2b.Parts`` and ``pack_parts`` takes its five fields (see q2b.py)."""
+
+    def packed_size(self, n: int, k: int, group: int) -> int:
+        self._check_shape(n, k, group, "packed_size")
+        return self.impl.packed_size(n, k)
+
+    def bits_per_weight(self, group: int = 16, n: int = 16) -> float:
+        """2 + 4/16 + 2/16 + 64/(16 * 16) = 2.625 for N % 16 == 0 (K % 64 == 0)."""
+        return 8 * self.impl.packed_size(n, 64) / (n * 64)
+
+    def quantize(self, w: np.ndarray, group: int = 16) -> q2b.Parts:
+        """SPEED-Q's bilevel min-max quantizer (float32); see q2b.quantize."""
+        w = np.asarray(w)
+        if w.ndim == 2:
+            self._check_shape(*w.shape, group, "quantize")
+        return self.impl.quantize(w)
+
+    def pack(self, w: np.ndarray, group: int = 16) -> np.ndarray:
+        return self.pack_parts(*self.quantize(w, group))
+
+    def pack_parts(self, codes, zeros, scale_codes=None, d=None, m=None) -> np.ndarray:  # type: ignore[override]
+        return self.impl.pack_parts(codes, zeros, scale_codes, d, m)
+
+    def unpack(self, blob: np.ndarray, n: int, k: int, group: int = 16) -> q2b.Parts:  # type: ignore[override]
+        self._check_shape(n, k, group, "unpack")
+        return self.impl.unpack(blob, n, k)
+
+    def dequantize(self, blob: np.ndarray, n: int, k: int, group: int = 16) -> np.ndarray:
+        self._check_shape(n, k, group, "dequantize")
+        return self.impl.dequantize(blob, n, k)
+
+    def max_err(self, blob: np.ndarray, n: int, k: int, group: int = 16) -> np.ndarray:
+        """Per-element bound of the level-1 rounding, |S|/2 per group, float32 [N, K]. (Holds
+        where the group's range fits the 4 codes: always unless level-2 rounding shrank S.)"""
+        p = self.unpack(blob, n, k, group)
+        S = np.abs(q2b.group_scales(p.scale_codes, p.d, p.m))
+        return np.repeat(S / 2, 16, axis=1)
+
+    def _check_shape(self, n: int, k: int, group: int, op: str) -> None:
+        if group not in self.group_sizes:
+            raise ValueError(f"[{self.name}.{op}] expected group size 16 (fixed by the q2b type), got {group}")
+        if n <= 0 or k <= 0 or k % 32:
+            raise ValueError(f"[{self.name}.{op}] expected N > 0 and K a positive multiple of 32, got N={n} K={k}")
 
 
 REGISTRY: dict[str, QType] = {
@@ -138,16 +193,17 @@ REGISTRY: dict[str, QType] = {
         QType("q3", 3, False, q3),
         QType("q4", 4, False, q4),
         QType("q8", 8, True, q8),
+        BilevelQType("q2b", 2, False, q2b, group_sizes=(16,)),
     )
 }
 
 
 def get(name: str) -> QType:
-    """The quant type called ``name`` (q2, q3, q4, q8)."""
+    """The quant type called ``name`` (q2, q3, q4, q8, q2b)."""
     try:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown qtype {name!r}; expected one of {sorted(REGISTRY)}") from None
 
 
-__all__ = ["GROUP_SIZES", "QType", "REGISTRY", "Unpacked", "get"]
+__all__ = ["GROUP_SIZES", "BilevelQType", "QType", "REGISTRY", "Unpacked", "get"]

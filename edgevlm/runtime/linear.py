@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without a c
 
 
 class QuantLinear:
-    """A linear layer with packed weights W[N, K] (qtype q2/q3/q4/q8, group 32/64/128).
+    """A linear layer with packed weights W[N, K] (qtype q2/q3/q4/q8 at group 32/64/128, or q2b at 16).
 
     blob:  uint8 [qtype.packed_size(N, K, group)]  (edgevlm.qtypes layout)
     bias:  float32 [N] or None

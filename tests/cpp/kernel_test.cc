@@ -3,7 +3,8 @@
 // (tests/test_arm_qemu.py). Built by CMake with -DEDGEVLM_CPP_TESTS=ON as evlm_kernel_test.
 //
 // For each ISA the running CPU supports (ref always; avx2 / neon / neondot when compiled
-// and the CPU has the features), every qtype (q2 q3 q4 q8) x group (32 64 128) x shape:
+// and the CPU has the features), every qtype (q2 q3 q4 q8) x group (32 64 128) x shape, and
+// q2b (bilevel scales, group 16 only, int8 activations per group of 16) x shape:
 //   * ev::linear (bias on/off, 1 and 2 threads) against ev::linear on the reference ISA,
 //     within  sum_g (d[m,g]/2) * sum_{k in g} |w_deq[n,k]|  +  1e-5 * sum_k |x||w_deq|  + 1e-6
 //     (d from quantize_acts_ref, w_deq from dequant_rows_ref; kernels.h explains the bound);
@@ -35,6 +36,7 @@
 #include "../../csrc/kernels/kernels.h"
 #include "../../csrc/kernels/linear.h"
 #include "../../csrc/qtypes/q2.h"
+#include "../../csrc/qtypes/q2b.h"
 #include "../../csrc/qtypes/q3.h"
 #include "../../csrc/qtypes/q4.h"
 #include "../../csrc/qtypes/q8.h"
@@ -148,7 +150,8 @@ int spec_code(QType t, const uint8_t* qs, int64_t K, int64_t k) {
       const int64_t u0 = k / kQ4Unit * kQ4Unit, U = std::min<int64_t>(kQ4Unit, K - u0), j = k - u0;
       return j < U / 2 ? qs[u0 / 2 + j] & 0xF : qs[u0 / 2 + j - U / 2] >> 4;
     }
-    case QType::Q2: {
+    case QType::Q2:
+    case QType::Q2B: {  // q2b codes are the q2 stream
       const int64_t u0 = k / kQ2Unit * kQ2Unit, U = std::min<int64_t>(kQ2Unit, K - u0), S = U / 4;
       const int64_t j = k - u0;
       return (qs[u0 / 4 + j % S] >> (2 * (j / S))) & 3;
@@ -178,7 +181,8 @@ void test_pack(Stats& st) {
       const int64_t rb = row_bytes(t, K);
       std::vector<uint8_t> qs((size_t)rb + 16, 0xA5);
       switch (t) {
-        case QType::Q2: pack_codes_q2(codes.data(), K, qs.data()); unpack_codes_q2(qs.data(), K, back.data()); break;
+        case QType::Q2:
+        case QType::Q2B: pack_codes_q2(codes.data(), K, qs.data()); unpack_codes_q2(qs.data(), K, back.data()); break;
         case QType::Q3: pack_codes_q3(codes.data(), K, qs.data()); unpack_codes_q3(qs.data(), K, back.data()); break;
         case QType::Q4: pack_codes_q4(codes.data(), K, qs.data()); unpack_codes_q4(qs.data(), K, back.data()); break;
         case QType::Q8:
@@ -209,7 +213,7 @@ void test_quantize(Stats& st, Isa isa, long* ties_total) {
   if (!kt.int8_acts || kt.quantize_acts == quantize_acts_ref) return;
   struct Shape { int64_t m, k; };
   const Shape shapes[] = {{1, 128}, {3, 384}, {5, 1024}, {2, 96}, {4, 160}};
-  for (int group : {32, 64, 128}) {
+  for (int group : {16, 32, 64, 128}) {  // 16: q2b's activation groups
     for (const Shape& sh : shapes) {
       if (sh.k % group) continue;
       const int64_t M = sh.m, K = sh.k, G = K / group;
@@ -463,9 +467,9 @@ int main(int argc, char** argv) {
   long cases = 0;
   double t_setup = 0, t_isa[kNumIsas] = {};
   for (int ti = 0; ti < kNumQTypes; ++ti)
-    for (int group : {32, 64, 128})
+    for (int group : {16, 32, 64, 128})
       for (int64_t K : Ks) {
-        if (K % group) continue;
+        if (K % group || !valid_group((QType)ti, group)) continue;  // q2b: group 16 only
         for (int64_t N : Ns)
           for (int64_t M : Ms) {
             // Keeps the qemu run short: K = 1024 only with N = 8 and 33; M = 197 (many row

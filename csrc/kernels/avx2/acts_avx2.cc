@@ -2,7 +2,7 @@
 // QActs). Same math as quantize_acts_ref, in the same order, so the results are
 // bit-identical: d = amax / 127, inv = 1 / d (scalar), q = round-half-even(x * inv)
 // (cvtps_epi32 under the default MXCSR mode = nearbyint), clamped to [-127, 127],
-// s = d * sum(q) with an exact integer sum.
+// s = d * sum(q) with an exact integer sum. Groups 32/64/128, and 16 (q2b's).
 #include "common_avx2.h"
 
 namespace ev {
@@ -28,7 +28,18 @@ void quantize_acts_avx2(const float* x, int64_t m0, int64_t m1, int64_t k, int g
       const float inv = dg > 0.f ? 1.f / dg : 0.f;
       const __m256 vinv = _mm256_set1_ps(inv);
       __m256i sum = _mm256_setzero_si256();
-      for (int i = 0; i < group; i += 32) {
+      if (group == 16) {  // q2b: 16 values, packed within 128-bit halves (already in order)
+        __m256i v[2];
+        for (int j = 0; j < 2; ++j) {
+          const __m256i t = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + 8 * j), vinv));
+          v[j] = _mm256_min_epi32(_mm256_max_epi32(t, lo), hi);
+          sum = _mm256_add_epi32(sum, v[j]);
+        }
+        const __m128i h0 = _mm_packs_epi32(_mm256_castsi256_si128(v[0]), _mm256_extracti128_si256(v[0], 1));
+        const __m128i h1 = _mm_packs_epi32(_mm256_castsi256_si128(v[1]), _mm256_extracti128_si256(v[1], 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qg), _mm_packs_epi16(h0, h1));
+      }
+      for (int i = 0; group % 32 == 0 && i < group; i += 32) {
         __m256i v[4];
         for (int j = 0; j < 4; ++j) {
           const __m256i t = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 8 * j), vinv));

@@ -18,5 +18,7 @@ void gemv_q4_avx2(const LinearArgs& a, int64_t n0, int64_t n1);
 void gemm_q4_avx2(const LinearArgs& a, int64_t n0, int64_t n1);
 void gemv_q8_avx2(const LinearArgs& a, int64_t n0, int64_t n1);
 void gemm_q8_avx2(const LinearArgs& a, int64_t n0, int64_t n1);
+void gemv_q2b_avx2(const LinearArgs& a, int64_t n0, int64_t n1);
+void gemm_q2b_avx2(const LinearArgs& a, int64_t n0, int64_t n1);
 
 }  // namespace ev

@@ -20,6 +20,7 @@ void unpack_tail(QType t, const uint8_t* qs, int64_t ncodes, int8_t* out) {
     case QType::Q3: unpack_codes_q3(qs, ncodes, o); break;
     case QType::Q4: unpack_codes_q4(qs, ncodes, o); break;
     case QType::Q8: std::memcpy(out, qs, (size_t)ncodes); break;
+    case QType::Q2B: unpack_codes_q2(qs, ncodes, o); break;  // q2b codes are the q2 stream
   }
 }
 }  // namespace neon_detail

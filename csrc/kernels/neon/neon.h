@@ -18,5 +18,7 @@ void gemv_q4_neon(const LinearArgs& a, int64_t n0, int64_t n1);
 void gemm_q4_neon(const LinearArgs& a, int64_t n0, int64_t n1);
 void gemv_q8_neon(const LinearArgs& a, int64_t n0, int64_t n1);
 void gemm_q8_neon(const LinearArgs& a, int64_t n0, int64_t n1);
+void gemv_q2b_neon(const LinearArgs& a, int64_t n0, int64_t n1);
+void gemm_q2b_neon(const LinearArgs& a, int64_t n0, int64_t n1);
 
 }  // namespace ev

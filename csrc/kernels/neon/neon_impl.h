@@ -417,10 +417,163 @@ EV_INLINE void gemm_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+// ---- q2b: 2-bit codes with bilevel scales (qtypes/q2b.h) ----------------------------------
+// Codes are the q2 stream (Q2Codes); groups are 16 codes = one int8x16 dot, activations are
+// int8 per group of 16 (QActs group 16). Per 128-code unit and W row, the 8 groups' factors
+// S = d2 * (c - m2) (same fp32 operations as the reference) and S*z are computed once into
+// small arrays laid out [group][row], so a group's epilogue is one 4-lane load each:
+//   y[m,n] += S[n,j] d[m,j] idot_j  -  S[n,j] z[n,j] s[m,j]
+// Everything is inline here (no call to q2b.h helpers: see the linkage note at the top).
+
+// S and S*z of row r, groups [g0, g0 + ng), into S[i * stride + col], Sz[...].
+EV_INLINE void q2b_unit_params(const QMatrix& w, int64_t r, int64_t g0, int ng, float* S, float* Sz, int stride, int col) {
+  const int64_t G = w.k / kQ2BGroup, blk = (r / kQ2BRowBlock) * G;
+  const uint8_t* sc = w.sc4 + r * (G / 2);
+  const uint8_t* zp = w.zp2 + r * ((G + 3) / 4);
+  for (int i = 0; i < ng; ++i) {
+    const int64_t g = g0 + i;
+    const int c = (sc[g / 2] >> (4 * (g & 1))) & 15, z = (zp[g / 4] >> (2 * (g & 3))) & 3;
+    const float s = w.l2d[blk + g] * ((float)c - w.l2m[blk + g]);
+    S[i * stride + col] = s;
+    Sz[i * stride + col] = s * (float)z;
+  }
+}
+
+template <class Dot>
+void gemv_q2b_kernel(const LinearArgs& a, int64_t n0, int64_t n1) {
+  constexpr int NR = 4;
+  const QMatrix& w = a.w;
+  const int64_t K = w.k, G = K / kQ2BGroup;
+  const int8_t* xq = a.xq->q;
+  const float* xd = a.xq->d;
+  const float* xs = a.xq->s;
+  for (int64_t n = n0; n < n1; n += NR) {
+    int64_t rows[NR];
+    for (int r = 0; r < NR; ++r) rows[r] = imin(n + r, n1 - 1);
+    float32x4_t acc = vdupq_n_f32(0.f);
+    alignas(16) float S[8][NR], Sz[8][NR];
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {
+      const int64_t g0 = k0 / kQ2BGroup;
+      const int ng = (int)imin(8, G - g0);
+      for (int r = 0; r < NR; ++r) q2b_unit_params(w, rows[r], g0, ng, &S[0][0], &Sz[0][0], NR, r);
+      auto flush = [&](int i, const int32x4_t* ia) EV_LAMBDA_INLINE {
+        const int32x4_t dots = hsum_x4(ia[0], ia[1], ia[2], ia[3]);
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(dots), vmulq_n_f32(vld1q_f32(S[i]), xd[g0 + i]));
+        acc = vfmsq_f32(acc, vld1q_f32(Sz[i]), vdupq_n_f32(xs[g0 + i]));
+      };
+      if (ng == 8) {
+        Q2Codes::Raw raw[NR];
+        for (int r = 0; r < NR; ++r) raw[r] = Q2Codes::load(w.row_qs(rows[r]) + k0 / 4);
+        static_for<4>([&](auto t) EV_LAMBDA_INLINE {
+          constexpr int T = decltype(t)::value;
+          const int8x16_t x0 = vld1q_s8(xq + k0 + 32 * T), x1 = vld1q_s8(xq + k0 + 32 * T + 16);
+          int32x4_t ia0[NR], ia1[NR];
+          for (int r = 0; r < NR; ++r) {
+            int8x16_t w0, w1;
+            Q2Codes::granule<T>(raw[r], w0, w1);
+            ia0[r] = Dot::dot(vdupq_n_s32(0), w0, x0);
+            ia1[r] = Dot::dot(vdupq_n_s32(0), w1, x1);
+          }
+          flush(2 * T, ia0);
+          flush(2 * T + 1, ia1);
+        });
+      } else {  // the row's partial last unit: 32/64/96 codes
+        alignas(16) int8_t buf[NR][128];
+        for (int r = 0; r < NR; ++r) neon_detail::unpack_tail(QType::Q2B, w.row_qs(rows[r]) + k0 / 4, K - k0, buf[r]);
+        for (int i = 0; i < ng; ++i) {
+          const int8x16_t xv = vld1q_s8(xq + k0 + 16 * i);
+          int32x4_t ia[NR];
+          for (int r = 0; r < NR; ++r) ia[r] = Dot::dot(vdupq_n_s32(0), vld1q_s8(buf[r] + 16 * i), xv);
+          flush(i, ia);
+        }
+      }
+    }
+    float out[NR];
+    vst1q_f32(out, acc);
+    for (int r = 0; r < NR && n + r < n1; ++r) a.y[n + r] = out[r] + (a.bias ? a.bias[n + r] : 0.f);
+  }
+}
+
+// GEMM: tiles of 2 W rows x 4 X rows, X rows blocked as in gemm_kernel.
+template <class Dot>
+void gemm_q2b_kernel(const LinearArgs& a, int64_t n0, int64_t n1) {
+  constexpr int NR = 2, MR = 4;
+  const QMatrix& w = a.w;
+  const int64_t K = w.k, N = w.n, M = a.m, G = K / kQ2BGroup;
+  int64_t mblock = (kGemmXBlockBytes / K) / MR * MR;
+  if (mblock < MR) mblock = MR;
+  for (int64_t mb0 = 0; mb0 < M; mb0 += mblock) {
+    const int64_t mb1 = imin(M, mb0 + mblock);
+    for (int64_t n = n0; n < n1; n += NR) {
+      int64_t rows[NR];
+      for (int r = 0; r < NR; ++r) rows[r] = imin(n + r, n1 - 1);
+      for (int64_t m = mb0; m < mb1; m += MR) {
+        const int8_t* xq[MR];
+        const float* xd[MR];
+        const float* xs[MR];
+        for (int i = 0; i < MR; ++i) {
+          const int64_t row = imin(m + i, mb1 - 1);
+          xq[i] = a.xq->q + row * K;
+          xd[i] = a.xq->d + row * G;
+          xs[i] = a.xq->s + row * G;
+        }
+        float32x4_t acc[NR];
+        for (int r = 0; r < NR; ++r) acc[r] = vdupq_n_f32(0.f);
+        alignas(16) float S[8][NR], Sz[8][NR];
+        for (int64_t k0 = 0; k0 < K; k0 += 128) {
+          const int64_t g0 = k0 / kQ2BGroup;
+          const int ng = (int)imin(8, G - g0);
+          for (int r = 0; r < NR; ++r) q2b_unit_params(w, rows[r], g0, ng, &S[0][0], &Sz[0][0], NR, r);
+          // One group (16 codes): 2 W vectors x 4 X vectors -> 8 dots, then the epilogue.
+          auto group = [&](int i, const int8x16_t* wv) EV_LAMBDA_INLINE {
+            int32x4_t ia[NR][MR];
+            for (int j = 0; j < MR; ++j) {
+              const int8x16_t xv = vld1q_s8(xq[j] + k0 + 16 * i);
+              for (int r = 0; r < NR; ++r) ia[r][j] = Dot::dot(vdupq_n_s32(0), wv[r], xv);
+            }
+            const int64_t g = g0 + i;
+            const float32x4_t d = f32_x4(xd[0] + g, xd[1] + g, xd[2] + g, xd[3] + g);
+            const float32x4_t s = f32_x4(xs[0] + g, xs[1] + g, xs[2] + g, xs[3] + g);
+            for (int r = 0; r < NR; ++r) {
+              const int32x4_t dots = hsum_x4(ia[r][0], ia[r][1], ia[r][2], ia[r][3]);
+              acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(dots), vmulq_n_f32(d, S[i][r]));
+              acc[r] = vfmsq_f32(acc[r], s, vdupq_n_f32(Sz[i][r]));
+            }
+          };
+          if (ng == 8) {
+            Q2Codes::Raw raw[NR];
+            for (int r = 0; r < NR; ++r) raw[r] = Q2Codes::load(w.row_qs(rows[r]) + k0 / 4);
+            static_for<4>([&](auto t) EV_LAMBDA_INLINE {
+              constexpr int T = decltype(t)::value;
+              int8x16_t w0[NR], w1[NR];
+              for (int r = 0; r < NR; ++r) Q2Codes::granule<T>(raw[r], w0[r], w1[r]);
+              group(2 * T, w0);
+              group(2 * T + 1, w1);
+            });
+          } else {
+            alignas(16) int8_t buf[NR][128];
+            for (int r = 0; r < NR; ++r) neon_detail::unpack_tail(QType::Q2B, w.row_qs(rows[r]) + k0 / 4, K - k0, buf[r]);
+            for (int i = 0; i < ng; ++i) {
+              int8x16_t wv[NR];
+              for (int r = 0; r < NR; ++r) wv[r] = vld1q_s8(buf[r] + 16 * i);
+              group(i, wv);
+            }
+          }
+        }
+        for (int r = 0; r < NR && n + r < n1; ++r) {
+          float out[MR];
+          vst1q_f32(out, vaddq_f32(acc[r], vdupq_n_f32(a.bias ? a.bias[n + r] : 0.f)));
+          for (int i = 0; i < MR && m + i < mb1; ++i) a.y[(m + i) * N + n + r] = out[i];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ev
 
-// Defines the eight gemv/gemm entry points of one ISA (neon.h / neondot.h) on a Dot policy.
+// Defines the ten gemv/gemm entry points of one ISA (neon.h / neondot.h) on a Dot policy.
 #define EV_NEON_DEFINE_KERNELS(suffix, DotT)                                                   \
   namespace ev {                                                                               \
   void gemv_q2_##suffix(const LinearArgs& a, int64_t n0, int64_t n1) { gemv_dispatch<Q2Codes, DotT>(a, n0, n1); } \
@@ -431,4 +584,6 @@ EV_INLINE void gemm_dispatch(const LinearArgs& a, int64_t n0, int64_t n1) {
   void gemm_q4_##suffix(const LinearArgs& a, int64_t n0, int64_t n1) { gemm_dispatch<Q4Codes, DotT>(a, n0, n1); } \
   void gemv_q8_##suffix(const LinearArgs& a, int64_t n0, int64_t n1) { gemv_dispatch<Q8Codes, DotT>(a, n0, n1); } \
   void gemm_q8_##suffix(const LinearArgs& a, int64_t n0, int64_t n1) { gemm_dispatch<Q8Codes, DotT>(a, n0, n1); } \
+  void gemv_q2b_##suffix(const LinearArgs& a, int64_t n0, int64_t n1) { gemv_q2b_kernel<DotT>(a, n0, n1); } \
+  void gemm_q2b_##suffix(const LinearArgs& a, int64_t n0, int64_t n1) { gemm_q2b_kernel<DotT>(a, n0, n1); } \
   }

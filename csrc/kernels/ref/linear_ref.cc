@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../../qtypes/q2.h"
+#include "../../qtypes/q2b.h"
 #include "../../qtypes/q3.h"
 #include "../../qtypes/q4.h"
 #include "../../qtypes/q8.h"
@@ -20,6 +21,7 @@ void pack_codes(QType t, const uint8_t* q, int64_t k, uint8_t* qs) {
     case QType::Q3: pack_codes_q3(q, k, qs); break;
     case QType::Q4: pack_codes_q4(q, k, qs); break;
     case QType::Q8: pack_codes_q8(reinterpret_cast<const int8_t*>(q), k, qs); break;
+    case QType::Q2B: pack_codes_q2(q, k, qs); break;
   }
 }
 
@@ -29,6 +31,7 @@ void unpack_codes(QType t, const uint8_t* qs, int64_t k, uint8_t* q) {
     case QType::Q3: unpack_codes_q3(qs, k, q); break;
     case QType::Q4: unpack_codes_q4(qs, k, q); break;
     case QType::Q8: unpack_codes_q8(qs, k, reinterpret_cast<int8_t*>(q)); break;
+    case QType::Q2B: unpack_codes_q2(qs, k, q); break;
   }
 }
 
@@ -63,6 +66,10 @@ void quantize_row(QType t, const float* w, int64_t k, int group, uint8_t* codes,
 }  // namespace
 
 void quantize_rows_ref(QType t, const float* w, int64_t n, int64_t k, int group, uint8_t* blob) {
+  if (t == QType::Q2B) {  // bilevel: the level-2 groups span 16 rows (q2b.h)
+    quantize_q2b(w, n, k, blob);
+    return;
+  }
   const QMatrix v = qmatrix_view(t, n, k, group, blob);
   std::vector<uint8_t> codes((size_t)k);
   for (int64_t r = 0; r < n; ++r) {
@@ -74,6 +81,10 @@ void quantize_rows_ref(QType t, const float* w, int64_t n, int64_t k, int group,
 }
 
 void dequant_rows_ref(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  if (w.type == QType::Q2B) {
+    dequant_rows_q2b(w, r0, r1, out);
+    return;
+  }
   std::vector<uint8_t> codes((size_t)w.k);
   for (int64_t r = r0; r < r1; ++r) {
     unpack_codes(w.type, w.row_qs(r), w.k, codes.data());
