@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 SECTION = "## Generation benchmark (bench_generate.py)"
 COLS = ["model", "impl", "bits", "threads", "encode_ms", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb",
-        "file_mb", "kv_mb", "prompt_tokens", "new_tokens", "base_rss_mb"]
+        "file_mb", "kv_mb", "prompt_tokens", "new_tokens", "base_rss_mb", "isa", "lm_mb", "decode_gb_s"]
 
 
 def _status_mb(field: str) -> float:
@@ -123,10 +123,24 @@ def worker_edgevlm(a) -> dict:
     tm: dict = {}
     out = rt.generate_ids(p, a.new_tokens, timings=tm, ignore_eos=True)
     prefill_ms, decode_ms = tm["prefill_ms"], tm["decode_ms"]
+    decode_tok_s = (len(out) - 1) / (decode_ms / 1e3)
+    lm = lm_bytes_per_token(rt)
+    from edgevlm import _core
+
     return {"encode_ms": encode_ms, "prefill_tok_s": t / (prefill_ms / 1e3),
-            "decode_tok_s": (len(out) - 1) / (decode_ms / 1e3), "ttft_ms": encode_ms + prefill_ms,
+            "decode_tok_s": decode_tok_s, "ttft_ms": encode_ms + prefill_ms,
             "peak_rss_mb": peak_rss_mb(), "file_mb": os.path.getsize(a.evlm) / 2**20,
-            "kv_mb": rt.kv_bytes / 2**20, "prompt_tokens": t, "new_tokens": len(out), "base_rss_mb": base}
+            "kv_mb": rt.kv_bytes / 2**20, "prompt_tokens": t, "new_tokens": len(out), "base_rss_mb": base,
+            "isa": _core.default_isa(), "lm_mb": lm / 2**20, "decode_gb_s": lm * decode_tok_s / 1e9}
+
+
+def lm_bytes_per_token(rt) -> int:
+    """Bytes of weights one decode step streams: every decoder-layer linear and the LM head
+    (the physical floor of batch-1 decode is this over the memory bandwidth)."""
+    dec = rt.decoder
+    lins = [getattr(L, n) for L in dec.layers for n in ("q", "k", "v", "o", "gate", "up", "down") if hasattr(L, n)]
+    lins.append(dec.head)
+    return sum(int(x.quant.blob.nbytes) if x.quant is not None else int(x.wt.nbytes) for x in lins)
 
 
 def _torch_inputs(family: str, model_dir: Path, img, ids: np.ndarray):
