@@ -17,6 +17,19 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
     set_source_files_properties(${_avx2} PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
     list(APPEND EDGEVLM_SOURCES ${_avx2})
     list(APPEND EDGEVLM_DEFINES EDGEVLM_HAVE_AVX2=1)
+    # AVX-VNNI (VEX vpdpbusd): the AVX2 kernels rebuilt with EV_VNNI (avxvnni/*.cc include
+    # avx2/*_impl.h), only when the compiler knows -mavxvnni (GCC >= 11, Clang >= 12).
+    # Their inline/template code lives in namespace ev::avxvnni (distinct symbols); shared
+    # inline helpers (qtypes/*.h) are linked after the baseline and avx2 copies.
+    option(EDGEVLM_AVXVNNI "Compile the AVX-VNNI kernels (needs EDGEVLM_AVX2)" ON)
+    include(CheckCXXCompilerFlag)
+    check_cxx_compiler_flag("-mavxvnni" EDGEVLM_CXX_HAS_MAVXVNNI)
+    file(GLOB _avxvnni ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/avxvnni/*.cc)
+    if(EDGEVLM_AVXVNNI AND EDGEVLM_CXX_HAS_MAVXVNNI AND _avxvnni)
+      set_source_files_properties(${_avxvnni} PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c;-mavxvnni")
+      list(APPEND EDGEVLM_SOURCES ${_avxvnni})
+      list(APPEND EDGEVLM_DEFINES EDGEVLM_HAVE_AVXVNNI=1)
+    endif()
   endif()
 elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "aarch64|arm64|ARM64")
   file(GLOB _neon ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/neon/*.cc)

@@ -23,7 +23,12 @@ static CpuFeatures detect() {
       __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
       ymm_ok = (lo & 0x6) == 0x6;
     }
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) f.avx2 = ymm_ok && (b & (1u << 5));
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+      f.avx2 = ymm_ok && (b & (1u << 5));
+      // Leaf 7 subleaf 0 EAX = the highest subleaf; subleaf 1 EAX bit 4 = AVX-VNNI.
+      const unsigned max_sub = a;
+      if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avxvnni = ymm_ok && (a & (1u << 4));
+    }
     f.fma = f.fma && ymm_ok;
     f.f16c = f.f16c && ymm_ok;
   }

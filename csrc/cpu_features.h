@@ -5,6 +5,7 @@ namespace ev {
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;  // x86-64 (OS support for YMM state checked)
+  bool avxvnni = false;  // x86-64: VEX-encoded AVX-VNNI (vpdpbusd on ymm), YMM state checked
   bool neon = false, dotprod = false, i8mm = false;  // aarch64
 };
 

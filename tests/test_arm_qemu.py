@@ -10,7 +10,8 @@ reference for every qtype x group x shape (see the header of kernel_test.cc) and
 with "<N> passed, 0 failed". The three runs are started together to save wall time.
 
 The harness is also built natively (build/host-cpptest) and run, so it is exercised on x86
-too (ref, plus avx2 when compiled and supported).
+too (ref, plus avx2 / avxvnni when compiled and supported; on an x86 host with AVX-VNNI the
+avxvnni kernels must be tested, and vpdpbusd may appear only in their code).
 
 Missing cross tools (aarch64-linux-gnu-g++, qemu-aarch64) or cmake: skipped with a hint to
 run `make setup` as root, unless EDGEVLM_REQUIRE_ARM=1, which turns the skip into a failure.
@@ -148,6 +149,36 @@ def test_cpp_harness_on_host():
     rc, out, secs = _execute([str(exe)])
     _check_summary(rc, out, f"host {BINARY} ({secs:.0f} s)")
     assert re.search(r"^ISAs tested: ref\b", out, re.M), _tail(out)
+    tested = re.search(r"^ISAs tested:(.*)$", out, re.M).group(1).split()
+    if re.search(r"^arch: x86-64  avx2=1 fma=1 f16c=1 avx_vnni=1$", out, re.M):
+        assert "avxvnni" in tested or "avxvnni: not compiled into this build" in out, _tail(out)
+    elif "avxvnni" not in tested and "arch: x86-64" in out:  # no AVX-VNNI: skipped, with the reason
+        assert re.search(r"^  avxvnni: (CPU lacks AVX-VNNI|not compiled)", out, re.M), _tail(out)
+
+
+def test_vnni_instructions_only_in_avxvnni_kernels():
+    """avxvnni/*.cc is compiled with -mavxvnni and shares its code with avx2/*.cc (the same
+    headers in another namespace). No vpdpbusd may reach any other function, or an AVX2-only
+    CPU would SIGILL outside the avxvnni dispatch entry. Checked on the host C++ harness,
+    built without LTO, so every function keeps its (demangled) symbol."""
+    objdump = shutil.which("objdump")
+    exe = HOST_BUILD / BINARY
+    if objdump is None or not exe.exists():
+        pytest.skip("needs objdump and the host harness (test_cpp_harness_on_host builds it)")
+    out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", str(exe)], capture_output=True, text=True,
+                         check=True).stdout
+    counts: dict[str, int] = {}
+    fn = "?"
+    for line in out.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            fn = head.group(1)
+        elif "vpdpbusd" in line:
+            counts[fn] = counts.get(fn, 0) + 1
+    if not counts:
+        pytest.skip("no AVX-VNNI code in this build (compiler without -mavxvnni, or not x86-64)")
+    stray = {f: c for f, c in counts.items() if "avxvnni" not in f}
+    assert not stray, f"vpdpbusd outside the avxvnni kernels: {stray}"
 
 
 def test_neondot_objects_define_no_shared_inline_code(arm_exe):

@@ -238,3 +238,59 @@ def test_q2b_bad_input_raises_value_error(rng):
         _core.linear(x, qtypes.get("q4").pack(np.zeros((n, k), np.float32), 32), "q4", 16, n)
     with pytest.raises(ValueError, match=r"\[q2b.packed_size\] expected group size 16"):
         QuantLinear(blob, "q2b", n, k, 32)
+
+
+# ---- avxvnni: the AVX2 loops with vpdpbusd; exact integer dots, so bit-identical to avx2 --
+_VNNI = {"avx2", "avxvnni"} <= set(supported_isas())
+_VNNI_SKIP = "needs a CPU with AVX2 and AVX-VNNI and a build with both (cmake: -mavxvnni)"
+
+
+@pytest.mark.skipif(not _VNNI, reason=_VNNI_SKIP)
+@pytest.mark.parametrize("name", QTYPES + ["q2b"])
+def test_avxvnni_is_bit_identical_to_avx2(rng, name):
+    """Both ISAs quantize the activations alike and sum the same u8 x s8 products exactly in
+    int32 lanes (maddubs + madd vs vpdpbusd), then scale identically: equal outputs bit for
+    bit, GEMV (M = 1, the 1- and 2-row passes) and GEMM (ragged tiles, K chunks), q8's sign
+    trick and the extreme codes included."""
+    t = qtypes.get(name)
+    groups = [16] if name == "q2b" else [32, 64, 128]
+    checked = 0
+    for group in groups:
+        for k in [32, 96, 160, 384, 1024, 4224]:  # tails, whole units, 2 K chunks + a tail
+            if k % group or (name == "q2b" and k % 32):
+                continue
+            for n, m in [(1, 1), (37, 1), (9, 2), (33, 7), (17, 197)]:
+                w = weights(rng, n, k, group)
+                if n > 2:  # saturate the codes: full-scale groups of both signs
+                    w[2, :group] = np.where(np.arange(group) % 2, 1.0, -1.0)
+                blob = t.pack(w, group)
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[:, :group] = np.where(np.arange(group) % 3, 4.0, -4.0)  # |q| = 127 activations
+                bias = rng.standard_normal(n).astype(np.float32) if (n + m) % 2 else None
+                for threads in (1, 2):
+                    y2 = _core.linear(x, blob, name, group, n, bias=bias, isa="avx2", threads=threads)
+                    yv = _core.linear(x, blob, name, group, n, bias=bias, isa="avxvnni", threads=threads)
+                    np.testing.assert_array_equal(yv, y2, err_msg=f"{name} g{group} M={m} N={n} K={k} t={threads}")
+                checked += 1
+    assert checked >= 25
+
+
+def test_default_isa_prefers_avxvnni_and_env_forces_avx2():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EDGEVLM_ISA"}
+    code = ("import numpy as np, edgevlm._core as c; "
+            "y = c.linear(np.ones((1, 64), np.float32), np.zeros(c.packed_size('q4', 8, 64, 32), np.uint8), 'q4', 32, 8); "
+            "print(c.default_isa(), ' '.join(c.supported_isas()))")
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
+    default, *isas = run(env).stdout.split()
+    best = next((i for i in ("avxvnni", "avx2", "neondot", "neon") if i in isas), "ref")
+    assert default == best, (default, isas)
+    if "avx2" in isas:
+        assert run({**env, "EDGEVLM_ISA": "avx2"}).stdout.split()[0] == "avx2"
+    if "avxvnni" not in isas:  # unsupported here: forcing it must fail with the reason, not crash
+        bad = subprocess.run([sys.executable, "-c", code], env={**env, "EDGEVLM_ISA": "avxvnni"},
+                             capture_output=True, text=True)
+        assert bad.returncode != 0 and "avxvnni" in bad.stderr and "not" in bad.stderr

@@ -17,7 +17,7 @@ void init_info(py::module_& m) {
     for (int i = 0; i < ev::kNumIsas; ++i)
       if (ev::isa_compiled((ev::Isa)i)) out.push_back(ev::isa_name((ev::Isa)i));
     return out;
-  }, "ISAs compiled into this build, e.g. ['ref', 'avx2'].");
+  }, "ISAs compiled into this build, e.g. ['ref', 'avx2', 'avxvnni'].");
   m.def("supported_isas", [] {
     std::vector<std::string> out;
     for (int i = 0; i < ev::kNumIsas; ++i)
@@ -29,7 +29,7 @@ void init_info(py::module_& m) {
   m.def("cpu_features", [] {
     const ev::CpuFeatures& f = ev::cpu_features();
     py::dict d;
-    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["avx_vnni"] = f.avxvnni;
     d["neon"] = f.neon; d["dotprod"] = f.dotprod; d["i8mm"] = f.i8mm;
     return d;
   });

@@ -28,7 +28,7 @@ ev::QType parse_qtype(const char* op, const std::string& s) {
 ev::Isa resolve_isa(const char* op, const std::optional<std::string>& s) {
   if (!s) return ev::default_isa();
   ev::Isa isa;
-  if (!ev::parse_isa(s->c_str(), &isa)) fail(op, "expected isa one of ref|avx2|neon|neondot, got '", *s, "'");
+  if (!ev::parse_isa(s->c_str(), &isa)) fail(op, "expected isa one of ", ev::isa_names(), ", got '", *s, "'");
   if (!ev::isa_supported(isa))
     fail(op, "isa '", *s, "' is ", ev::isa_compiled(isa) ? "not supported by this CPU" : "not compiled into this build");
   return isa;

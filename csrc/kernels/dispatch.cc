@@ -10,6 +10,9 @@
 #ifdef EDGEVLM_HAVE_AVX2
 #include "avx2/avx2.h"
 #endif
+#ifdef EDGEVLM_HAVE_AVXVNNI
+#include "avxvnni/avxvnni.h"
+#endif
 #ifdef EDGEVLM_HAVE_NEON
 #include "neon/neon.h"
 #include "neondot/neondot.h"
@@ -23,9 +26,14 @@ const char* isa_name(Isa isa) {
     case Isa::Avx2: return "avx2";
     case Isa::Neon: return "neon";
     case Isa::NeonDot: return "neondot";
+    case Isa::AvxVnni: return "avxvnni";
   }
   return "?";
 }
+
+const char* isa_names() { return "ref|avx2|avxvnni|neon|neondot"; }
+
+bool isa_has_avx2(Isa isa) { return isa == Isa::Avx2 || isa == Isa::AvxVnni; }
 
 bool parse_isa(const char* name, Isa* out) {
   for (int i = 0; i < kNumIsas; ++i)
@@ -65,6 +73,17 @@ const IsaKernels* table(Isa isa) {
     return t;
   }();
 #endif
+#ifdef EDGEVLM_HAVE_AVXVNNI
+  static const IsaKernels avxvnni = [] {  // the AVX2 loops with vpdpbusd; AVX2 quantizer
+    IsaKernels t;
+    t.isa = Isa::AvxVnni;
+    t.int8_acts = true;
+    t.gemm_min_m = 2;
+    t.quantize_acts = quantize_acts_avx2;
+    EV_QTABLE(t, avxvnni)
+    return t;
+  }();
+#endif
 #ifdef EDGEVLM_HAVE_NEON
   static const IsaKernels neon = [] {
     IsaKernels t;
@@ -90,6 +109,9 @@ const IsaKernels* table(Isa isa) {
 #ifdef EDGEVLM_HAVE_AVX2
     case Isa::Avx2: return &avx2;
 #endif
+#ifdef EDGEVLM_HAVE_AVXVNNI
+    case Isa::AvxVnni: return &avxvnni;
+#endif
 #ifdef EDGEVLM_HAVE_NEON
     case Isa::Neon: return &neon;
     case Isa::NeonDot: return &neondot;
@@ -105,6 +127,7 @@ bool cpu_has(Isa isa) {
     case Isa::Avx2: return f.avx2 && f.fma && f.f16c;
     case Isa::Neon: return f.neon;
     case Isa::NeonDot: return f.neon && f.dotprod;
+    case Isa::AvxVnni: return f.avx2 && f.fma && f.f16c && f.avxvnni;
   }
   return false;
 }
@@ -113,13 +136,13 @@ Isa detect_default() {
   if (const char* env = std::getenv("EDGEVLM_ISA")) {
     Isa want;
     if (!parse_isa(env, &want))
-      fail("EDGEVLM_ISA", "expected one of ref|avx2|neon|neondot, got '", env, "'");
+      fail("EDGEVLM_ISA", "expected one of ", isa_names(), ", got '", env, "'");
     if (!isa_supported(want))
       fail("EDGEVLM_ISA", "ISA '", env, "' is ", isa_compiled(want) ? "not supported by this CPU" : "not compiled into this build",
            "; unset EDGEVLM_ISA or choose another");
     return want;
   }
-  for (Isa isa : {Isa::Avx2, Isa::NeonDot, Isa::Neon})
+  for (Isa isa : {Isa::AvxVnni, Isa::Avx2, Isa::NeonDot, Isa::Neon})
     if (isa_supported(isa)) return isa;
   return Isa::Ref;
 }

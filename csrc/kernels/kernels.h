@@ -18,9 +18,16 @@
 
 namespace ev {
 
-enum class Isa : int { Ref = 0, Avx2 = 1, Neon = 2, NeonDot = 3 };
-constexpr int kNumIsas = 4;
+// AvxVnni: the AVX2 kernels with the AVX-VNNI integer dot (a superset of Avx2: same
+// QActs, same results bit for bit). Appended, so the existing values stay stable.
+enum class Isa : int { Ref = 0, Avx2 = 1, Neon = 2, NeonDot = 3, AvxVnni = 4 };
+constexpr int kNumIsas = 5;
 const char* isa_name(Isa isa);
+// "ref|avx2|neon|neondot|avxvnni": every ISA name, for error messages.
+const char* isa_names();
+// True for the ISAs whose CPUs run the AVX2+FMA code (avx2, avxvnni): callers with only an
+// AVX2 build of their own code (e.g. the decode glue) use it for both.
+bool isa_has_avx2(Isa isa);
 
 // X quantized per group along K (group = the weight group size, so one int8 dot per
 // weight group is scaled once):  x[m, k] ~= d[m, g] * q[m, k],  q in [-127, 127],
@@ -62,8 +69,8 @@ struct IsaKernels {
   QKernels q[kNumQTypes];
 };
 
-// dispatch.cc: the best compiled ISA the CPU supports, chosen once (EDGEVLM_ISA
-// overrides: ref|avx2|neon|neondot).
+// dispatch.cc: the best compiled ISA the CPU supports, chosen once (preference: avxvnni,
+// avx2, neondot, neon, ref; EDGEVLM_ISA overrides: ref|avx2|avxvnni|neon|neondot).
 Isa default_isa();
 bool isa_compiled(Isa isa);
 bool isa_supported(Isa isa);  // compiled and the CPU has the features

@@ -1,6 +1,6 @@
 // decode_ops.cc — the portable build of decode_impl.h and the dispatch of decode_ops.h:
 // the AVX2+FMA build (csrc/kernels/avx2/decode_avx2.cc) runs when the kernels' default ISA is
-// avx2 (so EDGEVLM_ISA=ref gives the portable glue too).
+// avx2 or avxvnni (so EDGEVLM_ISA=ref gives the portable glue too).
 #define EV_DECODE_NS portable
 #include "decode_impl.h"
 
@@ -11,7 +11,7 @@ namespace ev {
 namespace {
 bool use_avx2() {
 #if defined(EDGEVLM_HAVE_AVX2)
-  return default_isa() == Isa::Avx2;
+  return isa_has_avx2(default_isa());  // avx2 or avxvnni: both CPUs run the AVX2+FMA glue
 #else
   return false;
 #endif

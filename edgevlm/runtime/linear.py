@@ -2,8 +2,8 @@
 
 The blob is usually a zero-copy view into a memory-mapped .evlm file, so constructing a
 QuantLinear reads nothing. The product runs in ``edgevlm._core`` (SIMD kernels chosen at
-import; ``EDGEVLM_ISA=ref|avx2|neon|neondot`` overrides). If the extension could not be
-built, a numpy fallback dequantizes per call, so results stay correct, only slow.
+import; ``EDGEVLM_ISA=ref|avx2|avxvnni|neon|neondot`` overrides). If the extension could
+not be built, a numpy fallback dequantizes per call, so results stay correct, only slow.
 """
 
 from __future__ import annotations

@@ -2,19 +2,21 @@
 // gtest, no Python), for native runs and for aarch64 runs under qemu-aarch64
 // (tests/test_arm_qemu.py). Built by CMake with -DEDGEVLM_CPP_TESTS=ON as evlm_kernel_test.
 //
-// For each ISA the running CPU supports (ref always; avx2 / neon / neondot when compiled
-// and the CPU has the features), every qtype (q2 q3 q4 q8) x group (32 64 128) x shape, and
+// For each ISA the running CPU supports (ref always; avx2 / avxvnni / neon / neondot when
+// compiled and the CPU has the features), every qtype (q2 q3 q4 q8) x group (32 64 128) x shape, and
 // q2b (bilevel scales, group 16 only, int8 activations per group of 16) x shape:
 //   * ev::linear (bias on/off, 1 and 2 threads) against ev::linear on the reference ISA,
 //     within  sum_g (d[m,g]/2) * sum_{k in g} |w_deq[n,k]|  +  1e-5 * sum_k |x||w_deq|  + 1e-6
 //     (d from quantize_acts_ref, w_deq from dequant_rows_ref; kernels.h explains the bound);
 //   * the ISA's gemv/gemm called directly on an odd column slice [1, N-1): same bound inside
 //     the slice, and columns outside it must be left untouched;
+//   * avxvnni (when avx2 is supported too): every output above bit-identical to avx2's (the
+//     same exact int32 dots; common_avx2.h);
 // plus each int8 ISA's quantize_acts against quantize_acts_ref (identical, or differing only
 // at exact .5 ties, which are counted and reported), and pack/unpack round trips of every
 // code layout checked bit by bit against the diagrams in csrc/qtypes/qN.h.
 //
-// Usage: evlm_kernel_test [--expect-isa ref|avx2|neon|neondot] [--verbose]
+// Usage: evlm_kernel_test [--expect-isa ref|avx2|avxvnni|neon|neondot] [--verbose]
 //   --expect-isa X  also fail unless ev::default_isa() is X (checks runtime dispatch, e.g.
 //                   neondot on qemu's default CPU, neon under -cpu cortex-a53).
 // Prints the ISAs tested and skipped (with the reason), then a last line
@@ -91,6 +93,7 @@ struct Rng {
 const char* cpu_reason(Isa isa) {
   switch (isa) {
     case Isa::Avx2: return "CPU lacks AVX2/FMA/F16C";
+    case Isa::AvxVnni: return "CPU lacks AVX-VNNI (or AVX2/FMA/F16C)";
     case Isa::Neon: return "CPU has no NEON";
     case Isa::NeonDot: return "CPU has no dotprod";
     default: return "CPU not supported";
@@ -353,6 +356,12 @@ void test_linear(Stats& st, const Problem& p, Isa isa) {
       try {
         linear(p.x.data(), c.m, p.w, with_bias ? p.bias.data() : nullptr, y.data(), isa, threads);
         ok = compare(p, y, with_bias ? p.yref_bias : p.yref, 0, c.n, nan, &detail);
+        if (ok && isa == Isa::AvxVnni && isa_supported(Isa::Avx2)) {  // exact int32 dots: same bits
+          std::vector<float> y2(y.size(), nan);
+          linear(p.x.data(), c.m, p.w, with_bias ? p.bias.data() : nullptr, y2.data(), Isa::Avx2, threads);
+          ok = std::memcmp(y.data(), y2.data(), y.size() * sizeof(float)) == 0;
+          if (!ok) detail = "not bit-identical to avx2";
+        }
       } catch (const std::exception& e) {
         ok = false;
         detail = e.what();
@@ -402,7 +411,7 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--verbose")) {
       st.verbose = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--expect-isa ref|avx2|neon|neondot] [--verbose]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--expect-isa %s] [--verbose]\n", argv[0], isa_names());
       return 2;
     }
   }
@@ -411,7 +420,8 @@ int main(int argc, char** argv) {
 #if defined(__aarch64__)
   std::printf("arch: aarch64  neon=%d dotprod=%d i8mm=%d\n", (int)f.neon, (int)f.dotprod, (int)f.i8mm);
 #elif defined(__x86_64__)
-  std::printf("arch: x86-64  avx2=%d fma=%d f16c=%d\n", (int)f.avx2, (int)f.fma, (int)f.f16c);
+  std::printf("arch: x86-64  avx2=%d fma=%d f16c=%d avx_vnni=%d\n", (int)f.avx2, (int)f.fma, (int)f.f16c,
+              (int)f.avxvnni);
 #else
   std::printf("arch: other\n");
 #endif
@@ -436,7 +446,7 @@ int main(int argc, char** argv) {
     if (expect) {
       Isa want;
       if (!parse_isa(expect, &want)) {
-        st.check(false, fmt("--expect-isa %s", expect), "unknown ISA name (ref|avx2|neon|neondot)");
+        st.check(false, fmt("--expect-isa %s", expect), fmt("unknown ISA name (%s)", isa_names()));
       } else {
         st.check(def == want, fmt("default ISA is %s", expect), fmt("dispatch chose %s", isa_name(def)));
       }

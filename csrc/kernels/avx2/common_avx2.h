@@ -1,13 +1,27 @@
-// common_avx2.h — private to csrc/kernels/avx2: shared helpers and the two loop drivers
-// (GEMV, GEMM) that every quant type instantiates with its own code policy.
+// common_avx2.h — shared by csrc/kernels/avx2 and csrc/kernels/avxvnni: helpers and the
+// two loop drivers (GEMV, GEMM) that every quant type instantiates with its own code policy.
+//
+// Two builds of the same code, chosen per translation unit:
+//   (default)   namespace ev::avx2,    AVX2/FMA/F16C only (avx2/*.cc);
+//   EV_VNNI=1   namespace ev::avxvnni, the integer dot is VEX AVX-VNNI vpdpbusd
+//               (avxvnni/*.cc, compiled with -mavxvnni in addition).
+// EV_X86_NS names the namespace. Distinct namespaces keep the two builds' inline and
+// template code distinct symbols: the linker can never merge a VNNI copy into the AVX2
+// path (which would SIGILL on a CPU without AVX-VNNI).
 //
 // Math (kernels.h, QActs): for weight group g of row n and activation row m,
 //   y[m,n] = sum_g scale[n,g] * d[m,g] * idot(qw, qx over g)  +  sum_g min[n,g] * s[m,g]
-// (q8: no min term). idot is exact in integers: _mm256_maddubs_epi16(w_u8, x_i8) gives
-// int16 pair sums, several are summed in int16 inside a group (bounds below), one
-// _mm256_madd_epi16(.., 1) widens to int32, one cvt + fmadd applies scale*d per group.
+// (q8: no min term). idot is exact in integers:
+//   AVX2: _mm256_maddubs_epi16(w_u8, x_i8) gives int16 pair sums, several are summed in
+//         int16 inside a group (bounds below), one _mm256_madd_epi16(.., 1) widens to int32;
+//   VNNI: _mm256_dpbusd_avx_epi32(acc, w_u8, x_i8) adds the 4-byte sums straight into
+//         int32 lanes (1 uop instead of maddubs + add, and no widen per group).
+// Both give every int32 lane the exact sum of the same bytes (4i..4i+3 of each 32-code
+// vector, over the group), so the int32 sums, and hence the float results, are
+// bit-identical between the two builds (tests/test_kernels.py checks this). Then one cvt
+// + fmadd applies scale*d per group.
 //
-// A code policy P (q2.cc, q3.cc, q4.cc, q8.cc) provides:
+// A code policy P (q2_impl.h, q3_impl.h, q4_impl.h, q8_impl.h) provides:
 //   kSbBytes                     bytes of one full 128-code superblock (b * 16)
 //   kSigned                      false: codes are u8 0..2^b-1 (asymmetric, with mins);
 //                                true:  codes are int8 -127..127 (q8, sign trick, no mins)
@@ -16,9 +30,9 @@
 //   unpack_tail(row, k0, n, buf) codes [k0, k0+n) (n = 32/64/96, k0 % 128 == 0) -> buf
 //   prepare(row, k0, k1, wb)     GEMM: pointer to codes [k0, k1) as 32-code vectors (u8
 //                                codes unpacked into wb; q8: the row itself)
-// int16 headroom per group (pair sums <= 2*qmax*127): q2 762*4, q3 1778*4, q4 3810*4
-// are < 32767 for 4 maddubs (group 128); q8 pairs reach 32258, so widen after each.
-// Only AVX2/FMA/F16C instructions: target hosts have no AVX-512/VNNI.
+// int16 headroom per group (AVX2 only; pair sums <= 2*qmax*127): q2 762*4, q3 1778*4,
+// q4 3810*4 are < 32767 for 4 maddubs (group 128); q8 pairs reach 32258, so widen after each.
+// Only AVX2/FMA/F16C (+ AVX-VNNI in the EV_VNNI build): no AVX-512.
 #pragma once
 
 #include <immintrin.h>
@@ -29,8 +43,17 @@
 
 #include "avx2.h"
 
+#if defined(EV_VNNI)
+#if !defined(__AVXVNNI__)
+#error "EV_VNNI builds need -mavxvnni (cmake/sources.cmake sets it for csrc/kernels/avxvnni)"
+#endif
+#define EV_X86_NS avxvnni
+#else
+#define EV_X86_NS avx2
+#endif
+
 namespace ev {
-namespace avx2 {
+namespace EV_X86_NS {
 
 // ---- small helpers ----
 
@@ -80,10 +103,18 @@ EV_INLINE void opaque(__m256i& v) { __asm__("" : "+x"(v)); }
 
 EV_INLINE __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// One 32-code step of a group's integer dot. Asymmetric: int16 pair sums, accumulated in
-// int16 (headroom above). Signed (q8): |w| x sign(x, w) = w*x, widened to int32 at once.
+// One 32-code step of a group's integer dot. first: acc is ignored (starts the group).
+// AVX2, asymmetric: int16 pair sums, accumulated in int16 (headroom above). AVX2, signed
+// (q8): |w| x sign(x, w) = w*x, widened to int32 at once. VNNI: vpdpbusd into int32 lanes,
+// the same |w| x sign(x, w) operands for q8 (|w| <= 127 fits u8).
 template <bool kSigned>
 EV_INLINE __m256i dot32(__m256i w, __m256i x, __m256i acc, bool first, __m256i ones) {
+#if defined(EV_VNNI)
+  (void)ones;
+  const __m256i a0 = first ? _mm256_setzero_si256() : acc;
+  if constexpr (kSigned) return _mm256_dpbusd_avx_epi32(a0, _mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+  else return _mm256_dpbusd_avx_epi32(a0, w, x);
+#else
   if constexpr (kSigned) {
     const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones);
     return first ? p : _mm256_add_epi32(acc, p);
@@ -91,12 +122,28 @@ EV_INLINE __m256i dot32(__m256i w, __m256i x, __m256i acc, bool first, __m256i o
     const __m256i p = _mm256_maddubs_epi16(w, x);
     return first ? p : _mm256_add_epi16(acc, p);
   }
+#endif
 }
-// The group's int32 lanes (asymmetric: widen the int16 sums once per group).
+// The group's int32 lanes (AVX2 asymmetric: widen the int16 sums once per group).
 template <bool kSigned>
 EV_INLINE __m256i widen(__m256i acc, __m256i ones) {
+#if defined(EV_VNNI)
+  (void)ones;
+  return acc;
+#else
   if constexpr (kSigned) return acc;
   else return _mm256_madd_epi16(acc, ones);
+#endif
+}
+
+// int32 lane i = sum of the u8 x s8 products of bytes 4i..4i+3 (q2b's per-chunk dot).
+EV_INLINE __m256i udot4(__m256i w, __m256i x, __m256i ones) {
+#if defined(EV_VNNI)
+  (void)ones;
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+#endif
 }
 
 // Groups per stack chunk of the per-row factor buffers (sd = scale*d): K is walked in
@@ -113,7 +160,9 @@ constexpr int64_t kGChunk = 256;
 // together (hsum4) into y. Bandwidth: rows' codes and the scales / mins planes
 // are sequential streams; a software prefetch kPrefetch bytes ahead on the codes keeps
 // enough misses in flight for one core to beat a plain streaming read (q4 4096x4096,
-// 1 thread: no prefetch 8.2 GB/s, 1 KiB ahead 11, 4 KiB ahead 13).
+// 1 thread: no prefetch 8.2 GB/s, 1 KiB ahead 11, 4 KiB ahead 13). VNNI: 4 vpdpbusd per
+// 128 codes instead of 4 maddubs + 3 adds + 1 madd; q2 (ALU-bound) gains ~1.2x on
+// L3-resident weights, q4 (stream-bound) little.
 constexpr int kPrefetch = 4096;
 
 struct GemvChunk {
@@ -250,6 +299,9 @@ void gemv(const LinearArgs& a, int64_t n0, int64_t n1) {
 // copy, ~3%). Per group and X row: CPG maddubs (+ adds), one madd, one cvt, one fmadd
 // with a broadcast load of sd — maddubs/madd/cvt/fmadd share ports 0/1, which bounds a
 // q4 g128 pair-group at 3.5 cycles (measured 4.2 in the micro-kernel, 4.8 overall).
+// VNNI: CPG vpdpbusd (no madd, no int16 adds, the ones register unused) + cvt + fmadd per
+// group and row; each row's vpdpbusd chain is serial (latency ~5), so 6 rows keep it only
+// partly busy: measured 1.1x the AVX2 GEMM (q4 197x4096x4096, 1 core; 7 rows: no better).
 // Partial sums of K chunks accumulate in y (first chunk: bias + sum). All buffers are
 // fixed-size, on the stack (~125 KiB; glibc threads have MiBs).
 constexpr int64_t kKc = 2048;        // codes per K chunk (multiple of 128)
@@ -259,7 +311,7 @@ constexpr int64_t kNbG = 2048;       // nb * gpad at most (scales/mins floats)
 constexpr int64_t kXBlock = 32768;   // bytes of packed int8 X per block (L1-resident)
 constexpr int64_t kMbMax = 64;       // X rows per block at most
 constexpr int64_t kMbG = 1024;       // mb * gpad at most (d, s, sd floats)
-constexpr int kMr = 6;               // X rows per micro-kernel tile
+constexpr int kMr = 6;               // X rows per micro-kernel tile (VNNI: 7 measured no faster)
 
 // x: the tile's MR rows, interleaved per 32-code chunk: chunk j of row m at x + (j*MR + m)*32,
 // so every X operand is one pointer + a constant displacement (indexed addressing would
@@ -407,5 +459,5 @@ EV_INLINE const uint8_t* unpack_range(const uint8_t* row, int64_t k0, int64_t k1
   return wb;
 }
 
-}  // namespace avx2
+}  // namespace EV_X86_NS
 }  // namespace ev

@@ -1,36 +1,9 @@
-// q2.cc — 2-bit asymmetric kernels (layout: qtypes/q2.h). A full 128-code unit is 32
-// bytes and (v >> 2i) & 3 is codes 32i..32i+31 in natural order: one load, three shifts,
-// four ands per superblock. Loops: common_avx2.h.
-#include "../../qtypes/q2.h"
-
-#include "common_avx2.h"
+// q2.cc — the 2-bit asymmetric kernels (code policy and loops: avx2/q2_impl.h), AVX2 build.
+#include "q2_impl.h"
 
 namespace ev {
-namespace {
 
-struct Q2Codes {
-  static constexpr int64_t kSbBytes = 32;
-  static constexpr bool kSigned = false;
-  static EV_INLINE void load128(const uint8_t* row, int64_t k0, __m256i c[4]) {
-    const __m256i m2 = _mm256_set1_epi8(0x03);
-    const __m256i v = avx2::ld(row + k0 / 4);
-    c[0] = _mm256_and_si256(v, m2);
-    c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
-    c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
-    c[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m2);
-  }
-  // The 32/64/96-code tail unit (S = n/4 bytes per plane) is laid out like a row of n codes.
-  static void unpack_tail(const uint8_t* row, int64_t k0, int64_t n, uint8_t* buf) {
-    unpack_codes_q2(row + k0 / 4, n, buf);
-  }
-  static EV_INLINE const uint8_t* prepare(const uint8_t* row, int64_t k0, int64_t k1, uint8_t* wb) {
-    return avx2::unpack_range<Q2Codes>(row, k0, k1, wb);
-  }
-};
-
-}  // namespace
-
-void gemv_q2_avx2(const LinearArgs& a, int64_t n0, int64_t n1) { avx2::gemv<Q2Codes>(a, n0, n1); }
-void gemm_q2_avx2(const LinearArgs& a, int64_t n0, int64_t n1) { avx2::gemm<Q2Codes>(a, n0, n1); }
+void gemv_q2_avx2(const LinearArgs& a, int64_t n0, int64_t n1) { avx2::gemv<avx2::Q2Codes>(a, n0, n1); }
+void gemm_q2_avx2(const LinearArgs& a, int64_t n0, int64_t n1) { avx2::gemm<avx2::Q2Codes>(a, n0, n1); }
 
 }  // namespace ev
