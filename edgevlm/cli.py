@@ -91,7 +91,8 @@ def _export_parser(sub) -> None:
     s.add_argument("src", help="Hugging Face model folder")
     s.add_argument("-o", "--out", required=True, help="output .evlm file (written atomically)")
     s.add_argument("--method", choices=[m.value for m in Method], default=d.method.value,
-                   help="rtn: round to nearest; gptq: Hessian-based; shq: LQA selective hybrid (default)")
+                   help="rtn: round to nearest; gptq: Hessian-based; shq: LQA selective hybrid (default); "
+                        "awq: activation-aware scales + rtn with clip search")
     s.add_argument("--bits", type=int, choices=BITS, default=d.bits, help="width of the quantized layers (16 = float16)")
     s.add_argument("--text-bits", type=int, choices=BITS, default=None,
                    help="width of the text tower / language model (default: --bits; 8 for shq)")
@@ -116,6 +117,15 @@ def _export_parser(sub) -> None:
     s.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="gptq: take every Hessian of a block from one full-precision pass")
     s.add_argument("--damp", type=float, default=d.damp, help="gptq damping, fraction of the mean Hessian diagonal")
+    a = s.add_mutually_exclusive_group()
+    a.add_argument("--awq", dest="awq", action="store_true", default=None,
+                   help="activation-aware per-channel scales folded in before quantizing (default: on for "
+                        "--method awq only; with gptq/shq: GPTQ on the scaled weights)")
+    a.add_argument("--no-awq", dest="awq", action="store_false", help="no activation-aware scales")
+    s.add_argument("--awq-grid", type=int, default=d.awq_grid, help="awq: grid points of the scale search")
+    s.add_argument("--refit", type=int, default=d.refit,
+                   help="gptq/shq: rounds of least-squares refitting of each group's (scale, min) to its codes "
+                        "(0 = off; 1 measured best on MiniLM)")
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration samples per forward pass")
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -128,7 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        calib=args.calib, n_calib=args.n_calib, budget_bits=args.budget_bits,
                        budget_mb=args.budget_mb, keep_frac=args.keep_frac, keep_bits=args.keep_bits,
                        clip_search=args.clip_search, act_order=args.act_order, damp=args.damp,
-                       true_sequential=args.true_sequential,
+                       true_sequential=args.true_sequential, awq=args.awq, awq_grid=args.awq_grid, refit=args.refit,
                        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     try:
         from .export.pipeline import run_export

@@ -267,3 +267,41 @@ def test_output_error_bad_shapes():
         output_error(torch.zeros(4, 64), torch.zeros(4, 32), torch.eye(64))
     with pytest.raises(ValueError, match=r"\[output_error\] expected H of shape \[K, K\] = \[64, 64\]"):
         output_error(torch.zeros(4, 64), torch.zeros(4, 64), torch.eye(32))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_refit_exact_and_never_worse_per_row(rng, qtype):
+    """refit keeps the codes, its deq is the file's dequantization, and no row's output error
+    rises (rows only take the new params when they help); on GPTQ and RTN results of correlated
+    activations it lowers the total error (q8 is symmetric: returned unchanged)."""
+    from edgevlm.export.quantize import refit
+
+    n, k, group = 16, 256, 64
+    w = torch.from_numpy(weights(rng, n, k, group))   # zero / constant / outlier groups
+    H = _hessian(_acts(rng, 1024, k))
+    for r in (gptq(w, H, qtype, group, act_order=True, clip_search=True), rtn(w, qtype, group)):
+        f = refit(r, w, H)
+        if qtype == "q8":
+            assert f is r
+            continue
+        _check_exact(f, n, k)
+        assert np.array_equal(f.codes, r.codes)
+        d0, d1 = (w - r.deq).double(), (w - f.deq).double()
+        e0 = ((d0 @ H.double()) * d0).sum(1)
+        e1 = ((d1 @ H.double()) * d1).sum(1)
+        assert (e1 <= e0).all()
+        assert e1.sum() < 0.995 * e0.sum(), (e1.sum() / e0.sum())
+
+
+def test_gptq_fixed_params(rng):
+    """gptq(params=...) uses exactly the given group params, in either column order."""
+    n, k, group = 8, 256, 64
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+    H = _hessian(_acts(rng, 512, k))
+    ref = gptq(w, H, "q3", group, clip_search=True)
+    for act_order in (False, True):
+        r = gptq(w, H, "q3", group, act_order=act_order, params=(ref.scales, ref.mins))
+        _check_exact(r, n, k)
+        assert np.array_equal(r.scales, ref.scales) and np.array_equal(r.mins, ref.mins)
+    with pytest.raises(ValueError, match="params"):
+        gptq(w, H, "q3", group, params=(ref.scales[:, :1], ref.mins))

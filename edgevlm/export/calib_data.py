@@ -1,7 +1,7 @@
 """Calibration data for the exporter: images (+ captions) and text-only strings.
 
 ``load_calib(None)`` uses the assets that ship inside the package (``edgevlm/export/calib/``:
-18 photos and textures at 256 px, one caption each, 120 sentences; provenance and licenses in
+18 photos and textures at 256 px, one caption each, 575 sentences; provenance and licenses in
 ``calib/LICENSE.md``), so an export needs nothing beyond the model folder.  A user can instead
 give a folder of images (+ ``captions.jsonl`` / ``sentences.txt``), a ``.jsonl`` file or a
 ``.txt`` file.  Only numpy and Pillow are needed; the result is deterministic for a given seed.

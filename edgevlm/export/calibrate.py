@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .awq import ScaleSearch
 from .lazy import LazyModel, call_block, capture_block_inputs
 from .quantize import Hessian
 
@@ -36,6 +37,18 @@ class Quantizer(Protocol):
     def block_done(self, tower: str, index: int, rel_err: float) -> None:
         """Progress report: relative output error of block ``index`` after quantization."""
 
+    # Needed only with a ScaleSearch (awq.py):
+    def fake_quant(self, canonical: str, w: torch.Tensor) -> torch.Tensor | None:
+        """The plain-RTN value of W [N, K] at the width planned for ``canonical`` (float32), or
+        None if that weight is not quantized.  The scale search's proxy quantizer."""
+
+    def restore(self, canonical: str, t: torch.Tensor) -> torch.Tensor:
+        """Replace an already stored non-linear tensor (a norm or bias changed by a fold);
+        returns what the file now holds."""
+
+    def scaled(self, folded: list) -> None:
+        """Record the folds applied to a block (awq.Folded list), for the file's records."""
+
 
 @dataclass
 class Batch:
@@ -53,13 +66,16 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 class Calibrator:
     def __init__(self, lm: LazyModel, quantizer: Quantizer, batch_size: int, progress: bool = True,
                  token_weight: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
-                 sequential: bool = True) -> None:
+                 sequential: bool = True, scale_search: ScaleSearch | None = None) -> None:
         """``token_weight(canonical, x)`` may return per-token weights [B, T] for the Hessian of
         the linear ``canonical`` given its input x [B, T, K] (the hook later methods such as QIG
-        and VEQ use to reweight H̃ = 2XᵀCX); padding stays excluded either way."""
+        and VEQ use to reweight H̃ = 2XᵀCX); padding stays excluded either way.
+        ``scale_search`` (awq.py): activation-aware scales searched and folded into each block
+        before its linears are quantized (the Hessians then come from the scaled block)."""
         self.lm, self.q, self.batch_size, self.progress = lm, quantizer, batch_size, progress
         self.token_weight = token_weight
         self.sequential = sequential
+        self.scale_search = scale_search
         tune_malloc()
 
     # ---- loading helpers ----------------------------------------------------------------------
@@ -94,6 +110,8 @@ class Calibrator:
         for i in bar:
             path = f"{blocks_path}.{i}"
             block = self.load(path)
+            if self.scale_search is not None:
+                self._fold_scales(path, block, batches)
             outs_fp = self._collect_and_quantize(path, block, batches)
             err_num = err_den = 0.0
             for b, fp in zip(batches, outs_fp):
@@ -110,6 +128,17 @@ class Calibrator:
             self.lm.release(path)
             _trim_heap()
         return batches, kept
+
+    def _fold_scales(self, path: str, block: nn.Module, batches: list[Batch]) -> None:
+        """Search + fold the block's scales; re-store the norm / bias vectors the folds changed
+        (load() stored their unscaled values) and keep the block on what the file holds."""
+        folded = self.scale_search.run(path, block, batches)
+        for f in folded:
+            for canon in f.changed:
+                rel = canon[len(path) + 1:]
+                held = self.q.restore(canon, block.get_parameter(rel).data.clone())
+                self.lm.set_param(canon, held)
+        self.q.scaled(folded)
 
     def _collect_and_quantize(self, path: str, block: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
         """Quantize every linear of the block; returns the block's full-precision outputs.

@@ -22,11 +22,14 @@ class Method(str, enum.Enum):
     SHQ   LQA's Selective Hybrid Quantization: GPTQ vision tower at ``bits``, text tower at
           ``text_bits`` (8 by default), the most sensitive vision layers kept at ``keep_bits``
           within a size budget.
+    AWQ   activation-aware per-input-channel scales (export/awq.py) folded into the model, then
+          RTN with the clipping search.  ``awq=True`` adds the same scales to gptq / shq.
     """
 
     RTN = "rtn"
     GPTQ = "gptq"
     SHQ = "shq"
+    AWQ = "awq"
 
 
 #: Widths a quantizable tensor can get.  16 means "not quantized, stored float16".
@@ -61,6 +64,14 @@ class ExportConfig:
     true_sequential  quantize a block's linears group by group in forward order, each group's
                 Hessian taken with the earlier groups already quantized (GPTQ's option).
     damp        GPTQ damping as a fraction of the mean Hessian diagonal.
+    awq         activation-aware scale search (awq.py) before quantizing each block; None = on
+                for method awq only.  Folds only where exact (per block layout; on post-LN BERT
+                that is v -> attention output only).
+    awq_grid    grid points r in [0, 1) of the scale search s = mean|x|^r.
+    refit       rounds of group-param refitting after GPTQ (quantize.refit): each round re-fits
+                every group's (scale, min) to its codes by least squares on the layer-output
+                error; a further round reruns GPTQ with those params fixed, then refits again.
+                0 = off.
     batch_size  calibration samples run through a block at once (memory vs speed).
     seed        calibration sampling / augmentation seed.
     """
@@ -79,6 +90,9 @@ class ExportConfig:
     act_order: bool = True
     true_sequential: bool = True
     damp: float = 0.01
+    awq: bool | None = None
+    awq_grid: int = 20
+    refit: int = 0
     batch_size: int = 8
     seed: int = 0
     progress: bool = True
@@ -112,6 +126,15 @@ class ExportConfig:
                              f"needs method=shq, got method={self.method.value}")
         if not (0.0 <= self.keep_frac <= 1.0):
             raise ValueError(f"keep_frac must be in [0, 1], got {self.keep_frac!r}")
+        if self.awq is not None and not isinstance(self.awq, bool):
+            raise ValueError(f"awq must be True, False or None, got {self.awq!r}")
+        if self.method is Method.AWQ and self.awq is False:
+            raise ValueError("method=awq is the activation-aware scale search: awq=False contradicts it "
+                             "(use method=rtn for RTN without scales)")
+        if isinstance(self.awq_grid, bool) or not (isinstance(self.awq_grid, int) and 2 <= self.awq_grid <= 100):
+            raise ValueError(f"awq_grid must be an integer in [2, 100], got {self.awq_grid!r}")
+        if isinstance(self.refit, bool) or not (isinstance(self.refit, int) and 0 <= self.refit <= 10):
+            raise ValueError(f"refit must be an integer in [0, 10] (rounds), got {self.refit!r}")
         if not (isinstance(self.damp, (int, float)) and 0.0 < self.damp < 1.0):
             raise ValueError(f"damp must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp!r}")
 
@@ -120,6 +143,12 @@ class ExportConfig:
         if self.clip_search is not None:
             return bool(self.clip_search)
         return self.method is not Method.RTN
+
+    @property
+    def effective_awq(self) -> bool:
+        if self.awq is not None:
+            return bool(self.awq)
+        return self.method is Method.AWQ
 
     @property
     def effective_text_bits(self) -> int:
@@ -134,4 +163,5 @@ class ExportConfig:
                 "budget_bits": self.budget_bits, "budget_mb": self.budget_mb, "keep_frac": self.keep_frac,
                 "keep_bits": self.keep_bits, "clip_search": self.effective_clip_search, "act_order": self.act_order,
                 "true_sequential": self.true_sequential,
+                "awq": self.effective_awq, "awq_grid": self.awq_grid, "refit": self.refit,
                 "damp": self.damp, "seed": self.seed}

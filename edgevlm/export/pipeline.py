@@ -25,11 +25,12 @@ import torch
 from .. import __version__
 from .. import format as fmt
 from .. import qtypes
+from .awq import ScaleSearch
 from .calib_data import load_calib
 from .calibrate import Calibrator, tune_malloc
 from .config import ExportConfig, Method
 from .lazy import LazyModel
-from .quantize import Hessian, QuantResult, gptq, output_error, rtn
+from .quantize import Hessian, QuantResult, gptq, output_error, refit, rtn
 from .recipes import RECIPES
 from .source import Source, open_source
 from .tensor_map import Kind, Mapped, resolve
@@ -174,6 +175,7 @@ class _ExportQuantizer:
         self.rows: dict[str, LayerRow] = {}
         self.block_errors: list[tuple[str, int, float]] = []
         self.fake: dict[str, np.ndarray] | None = {} if keep_fake_quant else None
+        self.awq: dict[str, dict] = {}                              # canonical linear -> its fold
 
     # -- calibrate.Quantizer ------------------------------------------------------------------------
     def wants_hessian(self, canonical: str) -> bool:
@@ -199,6 +201,27 @@ class _ExportQuantizer:
     def block_done(self, tower: str, index: int, rel_err: float) -> None:
         self.block_errors.append((tower, index, rel_err))
 
+    def fake_quant(self, canonical: str, w: torch.Tensor) -> torch.Tensor | None:
+        m = self.by_canon.get(canonical)
+        if m is None or m.entry.kind is not Kind.LINEAR:
+            return None
+        tgt = self.targets[m.key]
+        if not tgt.qtype.startswith("q"):
+            return None
+        return rtn(w.detach().to(torch.float32), tgt.qtype, tgt.group).deq
+
+    def restore(self, canonical: str, t: torch.Tensor) -> torch.Tensor:
+        m = self._mapped(canonical)
+        if m.entry.kind is Kind.LINEAR:
+            raise RuntimeError(f"internal error: restore() of the linear weight {canonical}")
+        self.done.pop(m.key, None)   # the old blob stays in the spool, unreferenced (a few floats)
+        return self._store_matrix(m, t.to(torch.float32), None)
+
+    def scaled(self, folded: list) -> None:
+        for f in folded:
+            for c in f.linears:
+                self.awq[c] = {"group": f.group, "ratio": f.ratio, "loss_ratio": f.loss / max(f.loss_plain, 1e-30)}
+
     # -- storage --------------------------------------------------------------------------------------
     def _mapped(self, canonical: str) -> Mapped:
         m = self.by_canon.get(canonical)
@@ -223,8 +246,12 @@ class _ExportQuantizer:
             return deq
         method = self._method(m, H)
         res = self._quantize(w, tgt, method, H)
+        label = method + ("+refit" if self.cfg.refit and method.startswith("gptq") and tgt.qtype != "q8" else "")
+        if m.canonical in self.awq:   # the weight was scaled by the activation-aware search
+            label = "awq+" + label
+            extra["awq"] = self.awq[m.canonical]
         err = self._error(w, res.deq, H)
-        self._put(m, tgt, res.pack(), extra, method, err, res.deq)
+        self._put(m, tgt, res.pack(), extra, label, err, res.deq)
         cand = self.cands.get(m.key)
         if cand is not None:
             self.rows[m.key].sensitivity = err
@@ -235,20 +262,25 @@ class _ExportQuantizer:
                 alt = self._quantize(w, cand, method, H)
                 alt_deq, alt_blob = alt.deq, alt.pack()
             aerr = self._error(w, alt_deq, H)
-            self.alt[m.key] = (cand, self.spool.add(alt_blob), {**extra, "method": method, "error": aerr})
+            self.alt[m.key] = (cand, self.spool.add(alt_blob), {**extra, "method": label, "error": aerr})
             if self.fake is not None:
                 self.fake[m.key + "#keep"] = alt_deq.numpy()
         return res.deq
 
     def _method(self, m: Mapped, H: torch.Tensor | None) -> str:
-        if m.entry.kind is Kind.EMBED or H is None or self.cfg.method is Method.RTN:
+        if m.entry.kind is Kind.EMBED or H is None or self.cfg.method in (Method.RTN, Method.AWQ):
             return "rtn+clip" if self.cfg.effective_clip_search and m.entry.kind is Kind.LINEAR else "rtn"
         return "gptq+clip" if self.cfg.effective_clip_search else "gptq"
 
     def _quantize(self, w: torch.Tensor, tgt: Target, method: str, H: torch.Tensor | None) -> QuantResult:
         if method.startswith("gptq"):
-            return gptq(w, H, tgt.qtype, tgt.group, damp=self.cfg.damp, act_order=self.cfg.act_order,
-                        clip_search=self.cfg.effective_clip_search)
+            kw = dict(damp=self.cfg.damp, act_order=self.cfg.act_order)
+            res = gptq(w, H, tgt.qtype, tgt.group, clip_search=self.cfg.effective_clip_search, **kw)
+            for r in range(self.cfg.refit):
+                if r:   # codes for the refitted params, then params for those codes
+                    res = gptq(w, H, tgt.qtype, tgt.group, params=(res.scales, res.mins), **kw)
+                res = refit(res, w, H)
+            return res
         h_diag = torch.diagonal(H).clone() if H is not None else None
         return rtn(w, tgt.qtype, tgt.group, clip_search=method == "rtn+clip", h_diag=h_diag)
 
@@ -371,7 +403,9 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
         q = _ExportQuantizer(cfg, mapped, spool, keep_fake_quant)
         torch.manual_seed(cfg.seed)
         lm = LazyModel(source)
-        cal = Calibrator(lm, q, cfg.batch_size, progress=cfg.progress, sequential=cfg.true_sequential)
+        search = ScaleSearch(q.fake_quant, n_grid=cfg.awq_grid) if cfg.effective_awq else None
+        cal = Calibrator(lm, q, cfg.batch_size, progress=cfg.progress, sequential=cfg.true_sequential,
+                         scale_search=search)
         with torch.no_grad():
             RECIPES[source.family.name](cal, source, calib)
             for m in mapped:  # tensors no block touched: final norms, projections, heads, scalars

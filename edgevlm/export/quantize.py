@@ -282,7 +282,8 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, shape: tuple[int, int]) -> t
 
 def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: float = 0.01,
          act_order: bool = False, block_size: int = 128, clip_search: bool = False,
-         clip_grid: int = 20, clip_max_shrink: float = 0.3) -> QuantResult:
+         clip_grid: int = 20, clip_max_shrink: float = 0.3,
+         params: tuple[np.ndarray, np.ndarray | None] | None = None) -> QuantResult:
     """GPTQ (Frantar et al. 2023) of W[N, K] against the calibration Hessian H [K, K].
 
     Columns are quantized one at a time (in order, or by descending diag H with ``act_order``)
@@ -292,7 +293,9 @@ def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: floa
     of ``group`` columns, as the format needs) come from the error-updated weights when a
     group's first column is reached, or with ``act_order`` from the original W up front
     (GPTQ's static groups) so every column keeps its own contiguous group's params.  With
-    ``clip_search`` the params come from the diag(H)-weighted clipping search of :func:`rtn`."""
+    ``clip_search`` the params come from the diag(H)-weighted clipping search of :func:`rtn`.
+    ``params`` = (scales, mins) float16 [N, G] fixes every group's params up front (static
+    groups; e.g. the :func:`refit` of an earlier pass), whatever the column order."""
     op = "gptq"
     qt, wn = _check(op, w, qtype, group)
     n, k = wn.shape
@@ -329,10 +332,19 @@ def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: floa
             mins16[:, g] = m[:, 0]
             M[g] = torch.from_numpy(m[:, 0].astype(np.float32))
 
+    if params is not None:
+        ps, pm = params
+        if np.shape(ps) != (n, G) or (not qt.symmetric and np.shape(pm) != (n, G)):
+            raise ValueError(f"[{op}] expected params (scales, mins) of shape [{n}, {G}]")
+        scales16[:] = ps
+        S[:] = torch.from_numpy(np.asarray(ps, np.float16).astype(np.float32).T.copy())
+        if not qt.symmetric:
+            mins16[:] = pm
+            M[:] = torch.from_numpy(np.asarray(pm, np.float16).astype(np.float32).T.copy())
     if act_order:
         # Static groups from the original W, then permute columns by descending diag(H)
         # (dead columns, diag 0, go last).  gidx[j]: contiguous group of permuted column j.
-        for g in range(G):
+        for g in range(G if params is None else 0):
             set_params(g, wn[:, g * group:(g + 1) * group])
         perm = torch.argsort(hdiag, descending=True, stable=True)
         W = W[:, perm].contiguous()
@@ -353,7 +365,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: floa
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if not act_order and j % group == 0:
+            if not act_order and params is None and j % group == 0:
                 set_params(j // group, W1[:, i:i + group].numpy())
             g = gidx[j]
             s, m = S[g], M[g]                  # float32 [N]
@@ -376,6 +388,72 @@ def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: floa
     return _result(qt, group, codes.numpy(), scales16, mins16)
 
 
+# ---- group-parameter refit -----------------------------------------------------------------
+def refit(res: QuantResult, w: torch.Tensor, H: torch.Tensor, *, ridge: float = 1e-6) -> QuantResult:
+    """Re-fit every group's (scale, min) of an asymmetric result to its final codes, keeping the
+    codes: per row n, the 2G params θ = (s_0..s_G-1, m_0..m_G-1) minimising
+    (w_n - A_n θ)ᵀ H (w_n - A_n θ), A_n [K, 2G] holding the row's codes (s columns) and group
+    indicators (m columns), i.e. the normal equations (A_nᵀ H A_n) θ = A_nᵀ H w_n.  GPTQ picks
+    a group's params before its codes (from min-max / the clip search of the weights at that
+    time); once the codes are fixed, the output-optimal params differ.  2G unknowns per row
+    against many calibration tokens: unlike GPTQ's K-dimensional updates this cannot overfit a
+    small calibration set.  Params are rounded to float16 as the file stores them, and a row
+    keeps its old params unless the new ones (as stored) lower its error tr-form.  q8
+    (symmetric, no mins) is returned unchanged."""
+    qt = qtypes.get(res.qtype)
+    if qt.symmetric:
+        return res
+    n, k = res.codes.shape
+    Hd = _check_h("refit", H, k)                                     # float64 [K, K]
+    W = w.detach().to("cpu", torch.float64).reshape(n, k)
+    if tuple(W.shape) != (n, k):
+        raise ValueError(f"[refit] expected W of the result's shape [{n}, {k}], got {list(w.shape)}")
+    # Row chunks bound the [rows, K, G] float64 temporaries (~128 MB), whatever the layer size.
+    rows = max(1, (1 << 24) // (k * (k // res.group)))
+    parts = [_refit_rows(res.codes[r:r + rows], res.scales[r:r + rows], res.mins[r:r + rows], W[r:r + rows], Hd,
+                         res.group, ridge) for r in range(0, n, rows)]
+    s16 = np.concatenate([p[0] for p in parts])
+    m16 = np.concatenate([p[1] for p in parts])
+    return _result(qt, res.group, res.codes, s16, m16)
+
+
+def _refit_rows(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, W: torch.Tensor, Hd: torch.Tensor,
+                gs: int, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`refit` for rows codes [n, K] (old params float16 [n, G], W float64 [n, K]);
+    returns the kept params (float16 [n, G] each)."""
+    n, k = codes.shape
+    G = k // gs
+    C = torch.from_numpy(codes.astype(np.float64))                   # [n, K]
+    Hg = Hd.reshape(k, G, gs)                                        # H[k, (h, j)]
+    R = Hg.sum(-1)                                                   # [K, G]: Σ_{l in h} H_kl
+    Q = torch.einsum("khj,nhj->nkh", Hg, C.reshape(n, G, gs))        # [N, K, G]: Σ_{l in h} H_kl c_nl
+    Cg = C.reshape(n, G, gs)
+    SS = torch.einsum("ngj,ngjh->ngh", Cg, Q.reshape(n, G, gs, G))   # c_gᵀ H_gh c_h
+    SM = torch.einsum("ngj,gjh->ngh", Cg, R.reshape(G, gs, G))       # c_gᵀ H_gh 1
+    MM = R.reshape(G, gs, G).sum(1)                                  # 1ᵀ H_gh 1
+    M = torch.cat([torch.cat([SS, SM], 2), torch.cat([SM.transpose(1, 2), MM.expand(n, G, G)], 2)], 1)
+    HW = (W @ Hd).reshape(n, G, gs)                                  # (H w_n) by group
+    rhs = torch.cat([(Cg * HW).sum(-1), HW.sum(-1)], 1)              # [N, 2G]
+    tr = torch.diagonal(M, dim1=1, dim2=2).mean(1).clamp(min=1e-30)
+    M = M + (ridge * tr)[:, None, None] * torch.eye(2 * G, dtype=torch.float64)
+    theta, info = torch.linalg.solve_ex(M, rhs.unsqueeze(-1))
+    theta = theta.squeeze(-1).numpy()                                # [N, 2G]
+    with np.errstate(over="ignore", invalid="ignore"):
+        s16 = theta[:, :G].astype(np.float16)
+        m16 = theta[:, G:].astype(np.float16)
+    ok = (info.numpy() == 0) & np.isfinite(s16).all(1) & np.isfinite(m16).all(1) & (s16 >= 0).all(1)
+    s16 = np.where(ok[:, None], s16, scales)
+    m16 = np.where(ok[:, None], m16, mins)
+    cg = codes.reshape(n, G, gs).astype(np.float32)
+
+    def row_err(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        D = W - torch.from_numpy(_dequant(cg, sc, mn).reshape(n, k)).double()   # the file's deq
+        return ((D @ Hd) * D).sum(1).numpy()                        # [n]
+
+    better = row_err(s16, m16) < row_err(scales, mins)
+    return np.where(better[:, None], s16, scales), np.where(better[:, None], m16, mins)
+
+
 # ---- error measure -------------------------------------------------------------------------
 def output_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
     """(err, energy): err = tr((W-Q) H (W-Q)ᵀ), energy = tr(W H Wᵀ) with the UNDAMPED H;
@@ -394,4 +472,4 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> tuple[f
     return float(((Df @ Hf).double() * D).sum()), float(((Wf @ Hf).double() * W).sum())
 
 
-__all__ = ["Hessian", "QuantResult", "gptq", "output_error", "rtn"]
+__all__ = ["Hessian", "QuantResult", "gptq", "output_error", "refit", "rtn"]
