@@ -138,10 +138,7 @@ def _text_batches(cal: Calibrator, source: Source, calib: CalibSet, feats: list[
     prompts = _prompts(source, tok, calib, image_id, [len(f) for f in feats])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
-    def rope_positions(ids: torch.Tensor, am: torch.Tensor, s: slice) -> dict:
-        mm = (ids == image_id).to(torch.int32)  # mm_token_type_ids: 1 = image token
-        pos, _ = m.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid[s], attention_mask=am)
-        return {"position_ids": pos}
+    rope_positions = mrope_positions(m, image_id, grid)
 
     batches = language_model_batches(cal, tt, prompts, image_id, pad, lambda s: torch.cat(feats[s], dim=0),
                                      rope_positions)
@@ -154,3 +151,15 @@ def run_qwen2vl(cal: Calibrator, source: Source, calib: CalibSet) -> None:
     batches, _ = _text_batches(cal, source, calib, feats, grid)
     del feats
     quantize_language_model(cal, tt, batches)
+
+
+def mrope_positions(model: Any, image_id: int, grid: torch.Tensor):
+    """The extra-kwargs hook of :func:`recipes.language_model_batches` for Qwen-VL models:
+    a batch's multimodal RoPE ``position_ids`` [3, B, T] from the model's ``get_rope_index``
+    (``mm_token_type_ids`` marks the image tokens; transformers 5 needs it).  grid: the
+    images' (t, h, w) [n_images, 3], sliced per batch."""
+    def rope_positions(ids: torch.Tensor, am: torch.Tensor, s: slice) -> dict:
+        mm = (ids == image_id).to(torch.int32)  # mm_token_type_ids: 1 = image token
+        pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid[s], attention_mask=am)
+        return {"position_ids": pos}
+    return rope_positions

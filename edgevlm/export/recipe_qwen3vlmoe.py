@@ -22,7 +22,7 @@ import torch
 from .calib_data import CalibSet
 from .calibrate import Batch, Calibrator
 from .calibrate_moe import MoeCalibrator
-from .recipe_qwen2vl import _prompts
+from .recipe_qwen2vl import _prompts, mrope_positions
 from .recipes import _bs, image_processor, language_model_batches, pad_batch, tokenizer
 from .source import Source
 
@@ -73,10 +73,7 @@ def run_qwen3vlmoe(cal: Calibrator, source: Source, calib: CalibSet) -> None:
     prompts = _prompts(source, tok, calib, image_id, [len(f) for f in feats])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
-    def rope_positions(ids: torch.Tensor, am: torch.Tensor, s: slice) -> dict:
-        mm = (ids == image_id).to(torch.int32)  # mm_token_type_ids: 1 = image token
-        pos, _ = m.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid[s], attention_mask=am)
-        return {"position_ids": pos}
+    rope_positions = mrope_positions(m, image_id, grid)
 
     batches: list[Batch] = language_model_batches(cal, tt, prompts, image_id, pad,
                                                   lambda s: torch.cat(feats[s], dim=0), rope_positions)
