@@ -347,16 +347,13 @@ def main(argv=None) -> int:
     print("\n".join(table_md(rows) + [""] + bar_lines))
     if a.results:
         from bench_quality import machine_info, write_section
-
-        import bench_quality
-        bench_quality.SECTION = SECTION
         info = machine_info()
         cmd = "python benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
         lines = [SECTION, "", f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs; load average at the end "
                  f"{info['loadavg']}; versions {info['versions']}."
                  + ("" if a.render_only else f" Run took {time.time() - t0:.0f} s."), "",
                  "```", cmd, "```", "", *table_md(rows), "", "Bars:", "", *bar_lines, ""]
-        write_section(a.results, lines)
+        write_section(a.results, lines, SECTION)
     return 0
 
 

@@ -434,13 +434,16 @@ def section_lines(args, info: dict, rows: list[dict], bar_lines: list[str], ref_
     ]
 
 
-def write_section(path: str | os.PathLike, lines: list[str]) -> None:
-    """Replace the SECTION of the markdown file ``path`` (from its heading to the next level-1/2
-    heading, or the end) with ``lines``, or append it; everything else is kept byte for byte."""
+def write_section(path: str | os.PathLike, lines: list[str], section: str = SECTION) -> None:
+    """Replace ``section`` (a heading line; default this script's) of the markdown file ``path``
+    (from its heading to the next level-1/2 heading outside a code fence, or the end) with
+    ``lines``, or append it; everything else is kept byte for byte.  The file is read right
+    before the atomic replace (other scripts own other sections).  Shared by bench_generate.py
+    and bench_tta_memory.py."""
     p = Path(path)
     text = p.read_text(encoding="utf-8") if p.exists() else ""
     src = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(src) if ln.rstrip("\r\n") == SECTION), None)
+    start = next((i for i, ln in enumerate(src) if ln.rstrip("\r\n") == section), None)
     block = "\n".join(lines).rstrip("\n") + "\n"
     if start is None:
         prefix = text if not text or text.endswith("\n") else text + "\n"
