@@ -121,6 +121,10 @@ class Metrics:
         def head(name: str, kind: str, help_: str) -> None:
             out.extend([f"# HELP edgevlm_{name} {help_}", f"# TYPE edgevlm_{name} {kind}"])
 
+        def scalar(name: str, kind: str, help_: str, value: object) -> None:  # an unlabelled sample
+            head(name, kind, help_)
+            out.append(f"edgevlm_{name} {value}")
+
         with self._lock:
             head("requests_total", "counter", "HTTP requests answered, by route and status code")
             for (route, status), n in sorted(self.requests.items()):
@@ -139,24 +143,15 @@ class Metrics:
             out += self.queue_wait.lines("edgevlm_queue_wait_seconds", "")
             head("time_to_first_token_seconds", "histogram", "image encode + prefill + first token")
             out += self.ttft.lines("edgevlm_time_to_first_token_seconds", "")
-            head("prompt_tokens_total", "counter", "prompt tokens processed (images included)")
-            out.append(f"edgevlm_prompt_tokens_total {self.prompt_tokens}")
-            head("completion_tokens_total", "counter", "tokens generated")
-            out.append(f"edgevlm_completion_tokens_total {self.completion_tokens}")
-            head("decode_tokens_per_second", "gauge", "decode speed of the last generation")
-            out.append(f"edgevlm_decode_tokens_per_second {self.decode_tps:.3f}")
-        head("queue_depth", "gauge", "requests waiting for the model worker (not counting the running one)")
-        out.append(f"edgevlm_queue_depth {waiting}")
-        head("queue_capacity", "gauge", "--max-queue: waiting requests beyond this get a 503")
-        out.append(f"edgevlm_queue_capacity {capacity}")
-        head("in_flight", "gauge", "requests the model worker is running (0 or 1)")
-        out.append(f"edgevlm_in_flight {running}")
-        head("process_resident_memory_bytes", "gauge", "resident set size of the server process")
-        out.append(f"edgevlm_process_resident_memory_bytes {rss}")
-        head("process_peak_resident_memory_bytes", "gauge", "peak resident set size since start")
-        out.append(f"edgevlm_process_peak_resident_memory_bytes {peak}")
-        head("uptime_seconds", "gauge", "seconds since the server started")
-        out.append(f"edgevlm_uptime_seconds {time.time() - self._t0:.1f}")
+            scalar("prompt_tokens_total", "counter", "prompt tokens processed (images included)", self.prompt_tokens)
+            scalar("completion_tokens_total", "counter", "tokens generated", self.completion_tokens)
+            scalar("decode_tokens_per_second", "gauge", "decode speed of the last generation", f"{self.decode_tps:.3f}")
+        scalar("queue_depth", "gauge", "requests waiting for the model worker (not counting the running one)", waiting)
+        scalar("queue_capacity", "gauge", "--max-queue: waiting requests beyond this get a 503", capacity)
+        scalar("in_flight", "gauge", "requests the model worker is running (0 or 1)", running)
+        scalar("process_resident_memory_bytes", "gauge", "resident set size of the server process", rss)
+        scalar("process_peak_resident_memory_bytes", "gauge", "peak resident set size since start", peak)
+        scalar("uptime_seconds", "gauge", "seconds since the server started", f"{time.time() - self._t0:.1f}")
         head("model_info", "gauge", "models served (value 1)")
         for mid, kind in self._models.items():
             out.append(f'edgevlm_model_info{{model="{_esc(mid)}",kind="{kind}"}} 1')
