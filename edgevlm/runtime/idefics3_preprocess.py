@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .preprocess import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInput, _is_single, to_rgb_array
+from .preprocess import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageInput, _is_single, per_channel,
+                         to_rgb_array)
 
 __all__ = ["Idefics3ImagePreprocessor", "Idefics3Images"]
 
@@ -128,20 +129,11 @@ class Idefics3ImagePreprocessor:
         self.do_rescale = bool(c.get("do_rescale", True))
         self.rescale_factor = float(c.get("rescale_factor", 1 / 255))
         self.do_normalize = bool(c.get("do_normalize", True))
-        self.image_mean = self._per_channel(c.get("image_mean", IMAGENET_STANDARD_MEAN), "image_mean")
-        self.image_std = self._per_channel(c.get("image_std", IMAGENET_STANDARD_STD), "image_std")
+        self.image_mean = per_channel(c.get("image_mean", IMAGENET_STANDARD_MEAN), "image_mean")
+        self.image_std = per_channel(c.get("image_std", IMAGENET_STANDARD_STD), "image_std")
         self.do_pad = bool(c.get("do_pad", True))
         if self.resample not in range(6):
             raise ValueError(f"preprocessor resample {self.resample} is not a PIL filter code (0..5)")
-
-    @staticmethod
-    def _per_channel(v: Any, what: str) -> np.ndarray:
-        a = np.asarray(v if isinstance(v, (list, tuple)) else [v] * 3, dtype=np.float32).reshape(-1)
-        if a.size == 1:
-            a = np.repeat(a, 3)
-        if a.size != 3:
-            raise ValueError(f"preprocessor {what} must have 3 values (one per RGB channel), got {v!r}")
-        return a
 
     # -- steps (uint8 [H, W, C] in and out) -------------------------------------------------------
     def _resize(self, img: np.ndarray, height: int, width: int) -> np.ndarray:

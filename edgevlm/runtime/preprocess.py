@@ -132,6 +132,16 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
                     "[H, W, 3] or a path")
 
 
+
+def per_channel(v: Any, what: str) -> np.ndarray:
+    """A preprocessor mean/std value (one number, or one per RGB channel) -> float32 [3]."""
+    a = np.asarray(v if isinstance(v, Iterable) else [v] * 3, dtype=np.float32).reshape(-1)
+    if a.size == 1:
+        a = np.repeat(a, 3)
+    if a.size != 3:
+        raise ValueError(f"preprocessor {what} must have 3 values (one per RGB channel), got {v!r}")
+    return a
+
 class ImagePreprocessor:
     """The HF PIL image processor of a CLIP / SigLIP model, from its preprocessor_config dict.
 
@@ -153,8 +163,8 @@ class ImagePreprocessor:
         self.do_rescale = bool(d["do_rescale"])
         self.rescale_factor = float(d["rescale_factor"])
         self.do_normalize = bool(d["do_normalize"])
-        self.image_mean = self._per_channel(d["image_mean"], "image_mean")
-        self.image_std = self._per_channel(d["image_std"], "image_std")
+        self.image_mean = per_channel(d["image_mean"], "image_mean")
+        self.image_std = per_channel(d["image_std"], "image_std")
         if self.do_resize:
             s = self.size or {}
             if not (s.get("shortest_edge") or (s.get("height") and s.get("width"))):
@@ -164,15 +174,6 @@ class ImagePreprocessor:
             raise ValueError(f"preprocessor crop_size {self.crop_size!r} must have 'height' and 'width'")
         if self.resample not in range(6):
             raise ValueError(f"preprocessor resample {self.resample} is not a PIL filter code (0..5)")
-
-    @staticmethod
-    def _per_channel(v: Any, what: str) -> np.ndarray:
-        a = np.asarray(v if isinstance(v, Iterable) else [v] * 3, dtype=np.float32).reshape(-1)
-        if a.size == 1:
-            a = np.repeat(a, 3)
-        if a.size != 3:
-            raise ValueError(f"preprocessor {what} must have 3 values (one per RGB channel), got {v!r}")
-        return a
 
     @property
     def output_size(self) -> tuple[int, int] | None:

@@ -19,13 +19,12 @@ against the HF processor on photos (max |diff| 0.0 measured).  Pillow + numpy on
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, to_rgb_array
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput, per_channel, to_rgb_array
 
 __all__ = ["QwenImagePreprocessor", "smart_resize"]
 
@@ -57,15 +56,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-def _per_channel(v: Any, what: str) -> np.ndarray:
-    a = np.asarray(v if isinstance(v, Iterable) else [v] * 3, dtype=np.float32).reshape(-1)
-    if a.size == 1:
-        a = np.repeat(a, 3)
-    if a.size != 3:
-        raise ValueError(f"preprocessor {what} must have 3 values (one per RGB channel), got {v!r}")
-    return a
 
 
 @dataclass(frozen=True)
@@ -104,8 +94,8 @@ class QwenImagePreprocessor:
         out = cls(int(size["shortest_edge"]), int(size["longest_edge"]), int(c["patch_size"]),
                   int(c["temporal_patch_size"]), int(c["merge_size"]), int(c["resample"]),
                   bool(c["do_convert_rgb"]), bool(c["do_resize"]), bool(c["do_rescale"]),
-                  float(c["rescale_factor"]), bool(c["do_normalize"]), _per_channel(c["image_mean"], "image_mean"),
-                  _per_channel(c["image_std"], "image_std"))
+                  float(c["rescale_factor"]), bool(c["do_normalize"]), per_channel(c["image_mean"], "image_mean"),
+                  per_channel(c["image_std"], "image_std"))
         if min(out.patch_size, out.temporal_patch_size, out.merge_size) < 1:
             raise ValueError(f"patch_size, temporal_patch_size and merge_size must be positive, got {config}")
         if out.resample not in range(6):
