@@ -192,6 +192,34 @@ class _VisionBlock:
         return x + down(self.act(gate(h)) * up(h))
 
 
+def conv3d_patch(f: Any) -> tuple[int, int, int, np.ndarray]:
+    """The Conv3d patch embedding ``vision.embed.patch.weight`` [D, C, Tp, P, P] of a Qwen-VL
+    export as (D, P, Tp, a matmul weight [C*Tp*P*P, D])."""
+    w = vector(f, "vision.embed.patch.weight")
+    if w.ndim != 5:
+        raise ValueError(f"vision.embed.patch.weight must be a Conv3d weight [D, C, Tp, P, P], got {w.shape}")
+    dim, _, tp, patch, _ = w.shape
+    return dim, patch, tp, np.ascontiguousarray(w.reshape(dim, -1).T)
+
+
+def vision_inv_freq(vc: dict, head_dim: int) -> np.ndarray:
+    """The vision tower's 2-D RoPE inverse frequencies float32 [head_dim / 4]: row and column
+    each rotate head_dim / 2 channels (transformers' VisionRotaryEmbedding, float32 math)."""
+    theta = float((vc.get("rope_parameters") or {}).get("rope_theta", vc.get("rope_theta", 10000.0)))
+    sd = head_dim // 2
+    return (F32(1.0) / (F32(theta) ** (np.arange(0, sd, 2, dtype=F32) / F32(sd)))).astype(F32)
+
+
+def count_vision_blocks(f: Any) -> int:
+    """How many ``vision.blocks.{i}`` the file holds (ValueError if none)."""
+    n = 0
+    while f"vision.blocks.{n}.attn.qkv.weight" in f.records:
+        n += 1
+    if n == 0:
+        raise ValueError(f"{getattr(f, 'path', 'file')}: no vision.blocks.* tensors; not a complete export")
+    return n
+
+
 class Qwen2VLVision:
     """The vision family of Qwen2-VL and Qwen2.5-VL exports (see :mod:`.vlm_base`)."""
 
@@ -210,24 +238,13 @@ class Qwen2VLVision:
         if "vision.embed.patch.weight" not in f.records:
             raise ValueError(f"{getattr(f, 'path', 'file')}: no vision.embed.patch.weight; not a complete Qwen2-VL "
                              "export. Re-export the model with `edgevlm export`.")
-        w = vector(f, "vision.embed.patch.weight")                           # [D, C, Tp, P, P]
-        if w.ndim != 5:
-            raise ValueError(f"vision.embed.patch.weight must be a Conv3d weight [D, C, Tp, P, P], got {w.shape}")
-        self.dim, _, tp, self.patch, _ = w.shape
-        self.patch_wt = np.ascontiguousarray(w.reshape(self.dim, -1).T)     # [C*Tp*P*P, D]
+        self.dim, self.patch, tp, self.patch_wt = conv3d_patch(f)
         self.heads = int(vc["num_heads"])
         self.merge = int(vc["spatial_merge_size"])
-        hd = self.dim // self.heads
-        theta = float((vc.get("rope_parameters") or {}).get("rope_theta", vc.get("rope_theta", 10000.0)))
-        sd = hd // 2  # each of row / column rotates hd/2 channels: hd/4 frequencies
-        self.inv_freq = (F32(1.0) / (F32(theta) ** (np.arange(0, sd, 2, dtype=F32) / F32(sd)))).astype(F32)
+        self.inv_freq = vision_inv_freq(vc, self.dim // self.heads)
         self.windowed = family == "qwen2_5_vl"
         self.window_size = int(vc["window_size"])
-        n = 0
-        while f"vision.blocks.{n}.attn.qkv.weight" in f.records:
-            n += 1
-        if n == 0:
-            raise ValueError(f"{getattr(f, 'path', 'file')}: no vision.blocks.* tensors; not a complete export")
+        n = count_vision_blocks(f)
         self.full = set(int(i) for i in vc["fullatt_block_indexes"]) if self.windowed else set(range(n))
         act = get_activation(vc.get("hidden_act") or ("silu" if self.windowed else "quick_gelu"))
         self.blocks = [_VisionBlock.from_file(f, f"vision.blocks.{i}", self.heads, act, isa) for i in range(n)]

@@ -28,7 +28,8 @@ import numpy as np
 
 from .decoder import DeepStack
 from .layers import Linear, gelu, get_activation, layer_norm, vector
-from .qwen2vl import _token_string, _VisionBlock, cu_seqlens, rope_index, vision_positions
+from .qwen2vl import (_token_string, _VisionBlock, conv3d_patch, count_vision_blocks, cu_seqlens, rope_index,
+                      vision_inv_freq, vision_positions)
 from .qwen2vl_preprocess import QwenImagePreprocessor
 from .vlm_base import Prepared
 
@@ -100,11 +101,7 @@ class Qwen3VLVision:
             if key not in f.records:
                 raise ValueError(f"{path}: no {key}; not a complete Qwen3-VL export. Re-export the model with "
                                  "`edgevlm export`.")
-        w = vector(f, "vision.embed.patch.weight")                           # [D, C, Tp, P, P]
-        if w.ndim != 5:
-            raise ValueError(f"vision.embed.patch.weight must be a Conv3d weight [D, C, Tp, P, P], got {w.shape}")
-        self.dim, _, tp, self.patch, _ = w.shape
-        self.patch_wt = np.ascontiguousarray(w.reshape(self.dim, -1).T)     # [C*Tp*P*P, D]
+        self.dim, self.patch, tp, self.patch_wt = conv3d_patch(f)
         self.patch_b = vector(f, "vision.embed.patch.bias")
         self.pos = vector(f, "vision.embed.pos")                             # [S², D]
         self.side = int(round(self.pos.shape[0] ** 0.5))
@@ -113,15 +110,8 @@ class Qwen3VLVision:
                              f"{self.pos.shape}")
         self.heads = int(vc["num_heads"])
         self.merge = int(vc["spatial_merge_size"])
-        hd = self.dim // self.heads
-        theta = float((vc.get("rope_parameters") or {}).get("rope_theta", vc.get("rope_theta", 10000.0)))
-        sd = hd // 2  # each of row / column rotates hd/2 channels: hd/4 frequencies
-        self.inv_freq = (F32(1.0) / (F32(theta) ** (np.arange(0, sd, 2, dtype=F32) / F32(sd)))).astype(F32)
-        n = 0
-        while f"vision.blocks.{n}.attn.qkv.weight" in f.records:
-            n += 1
-        if n == 0:
-            raise ValueError(f"{path}: no vision.blocks.* tensors; not a complete export")
+        self.inv_freq = vision_inv_freq(vc, self.dim // self.heads)
+        n = count_vision_blocks(f)
         act = get_activation(vc["hidden_act"])
         self.blocks = [_VisionBlock.from_file(f, f"vision.blocks.{i}", self.heads, act, isa) for i in range(n)]
         unit = self.merge ** 2
