@@ -96,6 +96,9 @@ def _export_parser(sub) -> None:
     s.add_argument("--bits", type=int, choices=BITS, default=d.bits, help="width of the quantized layers (16 = float16)")
     s.add_argument("--text-bits", type=int, choices=BITS, default=None,
                    help="width of the text tower / language model (default: --bits; 8 for shq)")
+    s.add_argument("--head-bits", type=int, choices=BITS, default=None,
+                   help="width of a generative model's LM head, tied or not (default: the language model's "
+                        "width, at least 4)")
     s.add_argument("--group", type=int, choices=(32, 64, 128), default=d.group, help="quantization group size")
     s.add_argument("--calib", default=None,
                    help="calibration data: folder of images (+ captions.jsonl, sentences.txt), .jsonl or .txt "
@@ -135,6 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.config import ExportConfig
 
     cfg = ExportConfig(method=args.method, bits=args.bits, text_bits=args.text_bits, group=args.group,
+                       head_bits=args.head_bits,
                        calib=args.calib, n_calib=args.n_calib, budget_bits=args.budget_bits,
                        budget_mb=args.budget_mb, keep_frac=args.keep_frac, keep_bits=args.keep_bits,
                        clip_search=args.clip_search, act_order=args.act_order, damp=args.damp,

@@ -115,6 +115,31 @@ def test_4bit_head_is_its_own_packed_matrix_even_when_tied(llava):
     assert np.abs(rt.logits(p) - ref.logits[0].numpy()).max() < 1e-4
 
 
+def test_head_bits_sets_the_lm_head_width(llava):
+    """--head-bits overrides the head's 4-bit floor (a 2-bit file whose decode streams a 2-bit
+    head) and its default (an 8-bit head on a 4-bit model); the runtime still equals
+    transformers running the file's weights."""
+    from edgevlm import format as fmt
+    from edgevlm.export.evaluate import load_into_model
+
+    src, gold, d = llava
+    for bits, head_bits in ((2, 2), (4, 8)):
+        path = _export(src, d / f"q{bits}-head{head_bits}.evlm", method="rtn", bits=bits, head_bits=head_bits)
+        with fmt.open(path) as f:  # an 8-bit tied head is the 8-bit embedding table itself: not stored twice
+            tied_8 = head_bits == 8 and "tied" in d.name
+            assert ("lm_head.weight" not in f.records) if tied_8 else f.records["lm_head.weight"].qtype == f"q{head_bits}"
+        model = load_into_model(path, src).eval()
+        rt = Runtime.load(path, isa="ref")
+        assert rt.decoder.head.quant.qtype.name == f"q{head_bits}"
+        p = rt.prepare(str(gold["prompt_0"]), [synthetic_images()[0]])
+        ids = torch.from_numpy(p.input_ids)[None]
+        with torch.no_grad():
+            ref = model(input_ids=ids, pixel_values=torch.from_numpy(rt.vision.preprocessor([synthetic_images()[0]])))
+        assert np.abs(rt.logits(p) - ref.logits[0].numpy()).max() < 1e-4
+    with pytest.raises(ValueError, match="head_bits"):
+        ExportConfig(head_bits=5)
+
+
 @pytest.mark.parametrize("bits,min_cos", [(8, 0.999), (4, 0.98)])
 def test_quantized_logits_stay_within_documented_bounds(llava, bits, min_cos):
     src, gold, d = llava

@@ -127,6 +127,8 @@ def plan_target(m: Mapped, cfg: ExportConfig) -> Target:
         return Target("f16", 16, 0)
     tower_bits = cfg.effective_text_bits if e.tower == "text" else cfg.bits
     bits = max(tower_bits, e.min_bits, 8 if e.kind is Kind.EMBED else 0)
+    if e.key == "lm_head.weight" and cfg.head_bits is not None:   # the user's choice beats min_bits
+        bits = cfg.head_bits
     if bits >= 16:
         return Target("f16", 16, 0)
     k = m.shape[1]
