@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 SECTION = "## Generation benchmark (bench_generate.py)"
-COLS = ["model", "impl", "bits", "threads", "encode_ms", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb",
+COLS = ["model", "impl", "bits", "head_bits", "threads", "encode_ms", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb",
         "file_mb", "kv_mb", "prompt_tokens", "new_tokens", "base_rss_mb", "isa", "lm_mb", "decode_gb_s"]
 
 
@@ -216,18 +216,19 @@ def _spawn(args: list[str], log) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def export_bits(model_dir: Path, bits: int, work: Path, log) -> Path:
+def export_bits(model_dir: Path, bits: int, work: Path, log, head_bits: int | None = None) -> Path:
+    """The cached RTN export at ``bits`` (LM head at ``head_bits``; None = the exporter's default)."""
     import contextlib
     import io
 
     from edgevlm.export import ExportConfig, export
 
-    out = work / f"{model_dir.name}-q{bits}.evlm"
+    out = work / (f"{model_dir.name}-q{bits}.evlm" if head_bits is None else f"{model_dir.name}-q{bits}-h{head_bits}.evlm")
     if not out.exists():
-        log(f"  exporting {model_dir.name} at {bits} bits (rtn) ...")
+        log(f"  exporting {model_dir.name} at {bits} bits (rtn, head {head_bits or 'default'}) ...")
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            export(model_dir, out, ExportConfig(method="rtn", bits=bits, n_calib=2))
+            export(model_dir, out, ExportConfig(method="rtn", bits=bits, head_bits=head_bits, n_calib=2))
         log(f"  exported {out.name}: {out.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -247,12 +248,13 @@ def run(a, log) -> list[dict]:
         d = build_model(name, work / name)
         fam = family_of(d)
         ids_path = work / f"{name}.ids.npy"
-        for bits in a.bits:
-            f = export_bits(d, bits, work, log)
-            log(f"  edgevlm q{bits}, {a.threads} threads ...")
+        for bits, head_bits in a.bits:
+            f = export_bits(d, bits, work, log, head_bits)
+            log(f"  edgevlm q{bits} (head {head_bits or 'default'}), {a.threads} threads ...")
             r = _spawn(["--_worker", "edgevlm", "--evlm", str(f), "--threads", str(a.threads), "--new-tokens",
                         str(a.new_tokens), "--ids-out", str(ids_path)], log)
-            rows.append({"model": name, "impl": "edgevlm", "bits": bits, "threads": a.threads, **r})
+            rows.append({"model": name, "impl": "edgevlm", "bits": bits, "head_bits": head_bits, "threads": a.threads,
+                         **r})
             log("   " + _fmt(rows[-1]))
         if not a.skip_torch:
             log(f"  transformers fp32, {a.threads} threads ...")
@@ -271,7 +273,8 @@ def _fmt(r: dict) -> str:
 
 def bars(rows: list[dict]) -> list[str]:
     out = []
-    by = {(r["model"], r["impl"], r["bits"]): r for r in rows}
+    by = {(r["model"], r["impl"], r["bits"]): r for r in rows if r.get("head_bits") is None}
+    h2 = {r["model"]: r for r in rows if r["bits"] == 2 and r.get("head_bits") == 2}
     for m in sorted({r["model"] for r in rows}):
         t, q4, q2 = by.get((m, "transformers", 32)), by.get((m, "edgevlm", 4)), by.get((m, "edgevlm", 2))
         if t and q4:
@@ -280,12 +283,18 @@ def bars(rows: list[dict]) -> list[str]:
                        f"{t['decode_tok_s']:.2f} tok/s = {x:.2f}x ({'PASS' if x >= 4 else 'MISS'} bar >= 4x)")
         if q4 and q2:
             x = q2["decode_tok_s"] / q4["decode_tok_s"]
-            out.append(f"- {m}: decode q2/q4 = {x:.2f}x ({'PASS' if x >= 1.6 else 'MISS'} bar >= 1.6x)")
+            out.append(f"- {m}: decode q2/q4 = {x:.2f}x ({'PASS' if x >= 1.6 else 'MISS'} bar >= 1.6x; "
+                       f"both with the default 4-bit LM head)")
+        if q4 and m in h2:
+            x = h2[m]["decode_tok_s"] / q4["decode_tok_s"]
+            out.append(f"- {m}: decode q2 with a 2-bit head (--head-bits 2) / q4 = {x:.2f}x "
+                       f"({'PASS' if x >= 1.6 else 'MISS'} bar >= 1.6x)")
         for r in rows:
             if r["model"] == m and r["impl"] == "edgevlm":
                 lim = 1.2 * r["file_mb"] + r["kv_mb"]
                 base = r.get("base_rss_mb", float("nan"))
-                out.append(f"- {m}: q{r['bits']} peak RSS {r['peak_rss_mb']:.0f} MiB vs 1.2 x file + KV = "
+                hb = "" if r.get("head_bits") is None else f" (head q{r['head_bits']})"
+                out.append(f"- {m}: q{r['bits']}{hb} peak RSS {r['peak_rss_mb']:.0f} MiB vs 1.2 x file + KV = "
                            f"{lim:.0f} MiB ({'PASS' if r['peak_rss_mb'] <= lim else 'MISS'}; the process "
                            f"before loading the model: {base:.0f} MiB)")
     return out
@@ -294,7 +303,8 @@ def bars(rows: list[dict]) -> list[str]:
 def table_md(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     for r in rows:
-        cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in COLS]
+        cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float) else "-" if r.get(c) is None else str(r[c])
+                 for c in COLS]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -302,7 +312,8 @@ def table_md(rows: list[dict]) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smolvlm-256m,qwen2vl-2b", help=f"comma-separated: {', '.join(MODELS)}")
-    p.add_argument("--bits", default="4,3,2")
+    p.add_argument("--bits", default="4,3,2",
+                   help="widths to run; 'BhH' = width B with an H-bit LM head (e.g. 2h2), else the default head")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--workdir", default=str(ROOT / "build" / "bench_generate"), help="model folders and exports")
@@ -317,7 +328,7 @@ def parse_args(argv=None):
         p.add_argument(x, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.models = [m for m in a.models.split(",") if m]
-    a.bits = [int(b) for b in a.bits.split(",") if b]
+    a.bits = [tuple(int(x) for x in b.split("h")) if "h" in b else (int(b), None) for b in a.bits.split(",") if b]
     return a
 
 
