@@ -67,23 +67,6 @@ inline v8f load8(const float* p) {
 }
 inline float hsum8(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
-// Four dot products q . k_r (k_r = k + r * stride, r < 4) at once: four independent
-// accumulator chains hide the FMA latency that a single 128-long dot would wait on. n % 8 == 0.
-inline void dot4(const float* q, const float* k, int64_t stride, int64_t n, float* out) {
-  v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  for (int64_t i = 0; i < n; i += 8) {
-    const v8f qv = load8(q + i);
-    a0 += qv * load8(k + i);
-    a1 += qv * load8(k + stride + i);
-    a2 += qv * load8(k + 2 * stride + i);
-    a3 += qv * load8(k + 3 * stride + i);
-  }
-  out[0] = hsum8(a0);
-  out[1] = hsum8(a1);
-  out[2] = hsum8(a2);
-  out[3] = hsum8(a3);
-}
-
 inline void rms_norm_row(const float* x, const float* w, int64_t d, float eps, float* y) {
   double p[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t i = 0;
@@ -116,6 +99,94 @@ inline void norm_rope(const float* x, const AttnDecodeArgs& a, const float* norm
   }
 }
 
+// Scores of NH query heads (q[h], hd floats each, sharing one KV head) against cache rows
+// [0, n): s[h][j] = q[h] . k_j. Four rows at a time: each K vector loaded feeds NH FMAs, so
+// with NH = 2 four rows cost (4 + 2) loads per 8 FMAs, one head alone 5 per 4.
+template <int NH>
+inline void qk_rows(const float* const* q, const float* k, int64_t hd, int64_t n, float* const* s) {
+  int64_t j = 0;
+  if (hd % 8 == 0)
+    for (; j + 4 <= n; j += 4) {
+      v8f acc[NH][4] = {};
+      for (int64_t i = 0; i < hd; i += 8) {
+        const v8f k0 = load8(k + j * hd + i), k1 = load8(k + (j + 1) * hd + i);
+        const v8f k2 = load8(k + (j + 2) * hd + i), k3 = load8(k + (j + 3) * hd + i);
+        for (int h = 0; h < NH; ++h) {
+          const v8f qv = load8(q[h] + i);
+          acc[h][0] += qv * k0;
+          acc[h][1] += qv * k1;
+          acc[h][2] += qv * k2;
+          acc[h][3] += qv * k3;
+        }
+      }
+      for (int h = 0; h < NH; ++h)
+        for (int r = 0; r < 4; ++r) s[h][j + r] = hsum8(acc[h][r]);
+    }
+  for (; j < n; ++j)
+    for (int h = 0; h < NH; ++h) s[h][j] = dot(q[h], k + j * hd, hd);
+}
+
+// o[h] = sum_j p[h][j] v_j for NH heads sharing the value rows v [n, hd]: 32 columns at a time
+// in NH x 4 register accumulators, each V vector loaded once for all NH heads.
+template <int NH>
+inline void pv_rows(const float* const* p, const float* v, int64_t hd, int64_t n, float* const* o) {
+  int64_t i0 = 0;
+  for (; i0 + 32 <= hd; i0 += 32) {
+    v8f c[NH][4] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = v + j * hd + i0;
+      const v8f v0 = load8(vj), v1 = load8(vj + 8), v2 = load8(vj + 16), v3 = load8(vj + 24);
+      for (int h = 0; h < NH; ++h) {
+        const float pj = p[h][j];
+        c[h][0] += pj * v0;
+        c[h][1] += pj * v1;
+        c[h][2] += pj * v2;
+        c[h][3] += pj * v3;
+      }
+    }
+    for (int h = 0; h < NH; ++h)
+      for (int r = 0; r < 4; ++r) std::memcpy(o[h] + i0 + 8 * r, &c[h][r], sizeof(v8f));
+  }
+  if (i0 < hd)  // head dims that are not a multiple of 32
+    for (int h = 0; h < NH; ++h) {
+      for (int64_t i = i0; i < hd; ++i) o[h][i] = 0.f;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = i0; i < hd; ++i) o[h][i] += p[h][j] * v[j * hd + i];
+    }
+}
+
+// s[0, n) <- softmax(s * scale), in place.
+inline void softmax_scaled(float* s, int64_t n, float scale) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= scale;
+    mx = std::max(mx, s[j]);
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_approx(s[j] - mx);
+  for (int64_t j = 0; j < n; ++j) sum += s[j];
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+}
+
+// NH query heads h0 .. h0+NH-1 of KV group g: rotate, score, softmax, weighted sum of values.
+template <int NH>
+inline void attend_heads(const AttnDecodeArgs& a, int64_t g, int64_t h0, int64_t n, float* qbuf, float* sbuf) {
+  const int64_t hd = a.hd;
+  const float* q[NH];
+  float* s[NH];
+  float* o[NH];
+  for (int h = 0; h < NH; ++h) {
+    norm_rope(a.q + (h0 + h) * hd, a, a.qn, qbuf + h * hd);
+    q[h] = qbuf + h * hd;
+    s[h] = sbuf + h * n;
+    o[h] = a.out + (h0 + h) * hd;
+  }
+  qk_rows<NH>(q, a.kc + g * a.ctx * hd, hd, n, s);
+  for (int h = 0; h < NH; ++h) softmax_scaled(s[h], n, a.scale);
+  pv_rows<NH>(s, a.vc + g * a.ctx * hd, hd, n, o);
+}
+
 inline void attend_decode(const AttnDecodeArgs& a, int threads) {
   const int64_t hd = a.hd, n = a.pos + 1, rep = a.hq / a.hkv;
   // The new token's K (normed, rotated) and V into cache slot pos, head by head.
@@ -123,57 +194,19 @@ inline void attend_decode(const AttnDecodeArgs& a, int threads) {
     norm_rope(a.k + g * hd, a, a.kn, a.kc + (g * a.ctx + a.pos) * hd);
     std::copy(a.v + g * hd, a.v + (g + 1) * hd, a.vc + (g * a.ctx + a.pos) * hd);
   }
-  // Threads split the query heads once the work pays for waking them (~1M multiply-adds:
-  // a 2B model's 12 heads x 128 dims past ~340 cached tokens).
+  // Work items: pairs of query heads of one KV group (K and V rows read once per pair; a
+  // group of odd size ends with a single head). Threads split the items once the work pays
+  // for waking them (~1M multiply-adds: a 2B model's 12 heads x 128 dims past ~340 tokens).
+  const int64_t pairs = (rep + 1) / 2, items = a.hkv * pairs;
   const int64_t macs = 2 * a.hq * n * hd;
-  const int nt = (int)std::min<int64_t>(std::max(threads, 1), macs >= (1 << 20) ? a.hq : 1);
-  const int64_t per = (a.hq + nt - 1) / nt;
+  const int nt = (int)std::min<int64_t>(std::max(threads, 1), macs >= (1 << 20) ? items : 1);
+  const int64_t per = (items + nt - 1) / nt;
   parallel_for(nt, [&](int t) {
-    std::vector<float> qh((size_t)hd), s((size_t)n), acc((size_t)hd);
-    for (int64_t h = t * per; h < std::min(a.hq, (t + 1) * per); ++h) {
-      const int64_t g = h / rep;
-      const float* kg = a.kc + g * a.ctx * hd;
-      const float* vg = a.vc + g * a.ctx * hd;
-      norm_rope(a.q + h * hd, a, a.qn, qh.data());
-      int64_t j = 0;
-      if (hd % 8 == 0)
-        for (; j + 4 <= n; j += 4) dot4(qh.data(), kg + j * hd, hd, hd, s.data() + j);
-      for (; j < n; ++j) s[j] = dot(qh.data(), kg + j * hd, hd);
-      float mx = -INFINITY;
-      for (j = 0; j < n; ++j) {
-        s[j] *= a.scale;
-        mx = std::max(mx, s[j]);
-      }
-      float sum = 0.f;
-      for (j = 0; j < n; ++j) s[j] = exp_approx(s[j] - mx);
-      for (j = 0; j < n; ++j) sum += s[j];
-      const float inv = 1.0f / sum;
-      for (j = 0; j < n; ++j) s[j] *= inv;
-      // out = sum_j p_j v_j, 32 columns at a time: four 8-wide register accumulators (four
-      // independent FMA chains) instead of a memory accumulator re-read for every j.
-      float* o = a.out + h * hd;
-      int64_t i0 = 0;
-      for (; i0 + 32 <= hd; i0 += 32) {
-        v8f c0 = {}, c1 = {}, c2 = {}, c3 = {};
-        for (j = 0; j < n; ++j) {
-          const float* vj = vg + j * hd + i0;
-          const float p = s[j];
-          c0 += p * load8(vj);
-          c1 += p * load8(vj + 8);
-          c2 += p * load8(vj + 16);
-          c3 += p * load8(vj + 24);
-        }
-        std::memcpy(o + i0, &c0, sizeof c0);
-        std::memcpy(o + i0 + 8, &c1, sizeof c1);
-        std::memcpy(o + i0 + 16, &c2, sizeof c2);
-        std::memcpy(o + i0 + 24, &c3, sizeof c3);
-      }
-      if (i0 < hd) {  // head dims that are not a multiple of 32
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (j = 0; j < n; ++j)
-          for (int64_t i = i0; i < hd; ++i) acc[i] += s[j] * vg[j * hd + i];
-        std::copy(acc.begin() + i0, acc.end(), o + i0);
-      }
+    std::vector<float> qbuf((size_t)(2 * hd)), sbuf((size_t)(2 * n));
+    for (int64_t it = t * per; it < std::min(items, (t + 1) * per); ++it) {
+      const int64_t g = it / pairs, h0 = g * rep + 2 * (it % pairs);
+      if (h0 + 2 <= (g + 1) * rep) attend_heads<2>(a, g, h0, n, qbuf.data(), sbuf.data());
+      else attend_heads<1>(a, g, h0, n, qbuf.data(), sbuf.data());
     }
   });
 }
