@@ -4,11 +4,8 @@ Builds single-op (or many-op) graphs whose weights are initializers in the layou
 ORT contrib-op spec, checks them numerically against a numpy dequantisation, and hands
 back timed "calls" over many distinct weight copies so that GEMV reads stream from DRAM.
 
-Packing (low bits first along K, as the spec says):
-  B            uint8 [N, n_blocks, block*bits/8]   code i of a block = bits [i*bits, (i+1)*bits)
-  scales       float [N * n_blocks]
-  zero_points  uint8 [N * ceil(n_blocks*bits/8)]   zp of block j = bits [j*bits, (j+1)*bits) of the row
-  W[n, k]      = (code - zp) * scale               Y = A @ W^T
+Packing, dequantisation and the node builder are edgevlm.interop.onnx_pack's (the layout is
+drawn there); the product exporter (``edgevlm export-onnx``) uses the same code.
 
 The weights are random bytes: every byte pattern is a valid code stream, and speed does not
 depend on the values. Copy ``i`` differs from copy 0 (XOR mask + index stamp), so no
@@ -23,13 +20,11 @@ one session and the per-op time is the run time divided by its node count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-OPSET_CONTRIB = 1
-OPSET_ONNX = 21
-IR_VERSION = 10
+from edgevlm.interop.onnx_pack import (IR_VERSION, OPSET_CONTRIB, OPSET_ONNX, NBitsWeights, dequant_rows,
+                                       external_tensor, matmulnbits_node)
 
 
 def import_ort():
@@ -38,28 +33,6 @@ def import_ort():
     import onnxruntime
 
     return onnxruntime, onnx
-
-
-@dataclass
-class NBitsWeights:
-    """One MatMulNBits weight: B, scales and packed zero points for W[N, K]."""
-
-    n: int
-    k: int
-    bits: int
-    block: int
-    b: np.ndarray  # uint8 [N, n_blocks, blob]
-    scales: np.ndarray  # float32 [N * n_blocks]
-    zp: np.ndarray  # uint8 [N * zp_row_bytes]
-
-    @property
-    def n_blocks(self) -> int:
-        return math.ceil(self.k / self.block)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the op reads for its weight: B + scales + zero points."""
-        return self.b.nbytes + self.scales.nbytes + self.zp.nbytes
 
 
 def random_weights(n: int, k: int, bits: int, block: int, seed: int = 0) -> NBitsWeights:
@@ -80,34 +53,6 @@ def weight_copy(base: NBitsWeights, i: int) -> NBitsWeights:
     return NBitsWeights(base.n, base.k, base.bits, base.block, b, base.scales.copy(), base.zp.copy())
 
 
-def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Low-first bit stream along the last axis -> integer codes [..., count]."""
-    flat = np.unpackbits(packed, axis=-1, bitorder="little")[..., : count * bits]
-    flat = flat.reshape(*packed.shape[:-1], count, bits).astype(np.int32)
-    return (flat << np.arange(bits, dtype=np.int32)).sum(axis=-1)
-
-
-def dequant_rows(w: NBitsWeights, rows: int) -> np.ndarray:
-    """Float32 W[:rows, :K] = (code - zp) * scale, the spec's dequantisation."""
-    nb = w.n_blocks
-    codes = _unpack_bits(w.b[:rows], w.bits, w.block)  # [rows, nb, block]
-    zrow = w.zp.reshape(w.n, -1)[:rows]
-    zps = _unpack_bits(zrow, w.bits, nb)  # [rows, nb]
-    sc = w.scales.reshape(w.n, nb)[:rows]
-    deq = (codes - zps[:, :, None]).astype(np.float32) * sc[:, :, None]
-    return deq.reshape(rows, nb * w.block)[:, : w.k]
-
-
-def _external(name: str, arr: np.ndarray, dtype: int):
-    """TensorProto marked EXTERNAL: its bytes come from SessionOptions, not the model."""
-    from onnx import TensorProto
-
-    t = TensorProto(name=name, data_type=dtype, dims=arr.shape, data_location=TensorProto.EXTERNAL)
-    for key, val in (("location", "in-memory"), ("offset", "0"), ("length", str(arr.nbytes))):
-        t.external_data.add(key=key, value=val)
-    return t
-
-
 def build_model(weights: list[NBitsWeights], accuracy_level: int) -> tuple[bytes, list[str], list[np.ndarray]]:
     """Model with input A [M, K] and node i = MatMulNBits(A, copy i) -> Y{i} [M, N].
 
@@ -122,12 +67,10 @@ def build_model(weights: list[NBitsWeights], accuracy_level: int) -> tuple[bytes
     for i, w in enumerate(weights):
         tri = [f"B{i}", f"S{i}", f"Z{i}"]
         for a, n, dt in zip((w.b, w.scales, w.zp), tri, (TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8)):
-            inits.append(_external(n, a, dt))
+            inits.append(external_tensor(n, a, dt))
             names.append(n)
             arrays.append(a)
-        nodes.append(helper.make_node(
-            "MatMulNBits", ["A", *tri], [f"Y{i}"], domain="com.microsoft", name=f"mm{i}",
-            K=w0.k, N=w0.n, bits=w0.bits, block_size=w0.block, accuracy_level=accuracy_level))
+        nodes.append(matmulnbits_node("A", w, tuple(tri), f"Y{i}", accuracy_level=accuracy_level, name=f"mm{i}"))
         outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, ["M", w0.n]))
     a_in = helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", w0.k])
     graph = helper.make_graph(nodes, "matmulnbits_bench", [a_in], outs, initializer=inits)

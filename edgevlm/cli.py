@@ -8,6 +8,7 @@
     edgevlm embed MODEL           image / text embeddings to .npy or .json
     edgevlm run MODEL --prompt P  generate text about images (LLaVA, Qwen2-VL, Idefics3/SmolVLM .evlm)
     edgevlm serve MODEL...        OpenAI-compatible HTTP server (chat, embeddings, classify; the server extra)
+    edgevlm export-onnx MODEL -o OUT  ONNX graph with MatMulNBits weights (CLIP/SigLIP towers, LLaVA vision)
 
 Each subcommand parses its flags and calls one function; errors print a one-line message
 and exit with status 2 (bad input) or 1 (corrupt file) instead of a traceback.
@@ -365,6 +366,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx_parser(sub) -> None:
+    s = sub.add_parser("export-onnx", help="ONNX graph of a CLIP/SigLIP/LLaVA-vision .evlm (com.microsoft.MatMulNBits)",
+                       description="Write an ONNX model that ONNX Runtime runs on CPU: packed 2/3/4/8-bit weights "
+                                   "become com.microsoft.MatMulNBits (exact; 3-bit codes widened to 4), float "
+                                   "tensors plain initializers. CLIP/SigLIP: vision and/or text tower; LLaVA: vision "
+                                   "tower + projector. Preprocessing and tokenization stay outside the graph.")
+    s.add_argument("model", help="input .evlm file")
+    s.add_argument("-o", "--out", required=True, help="output .onnx file (written atomically)")
+    s.add_argument("--tower", choices=("vision", "text", "both"), default=None,
+                   help="what to export (default: both for CLIP/SigLIP, vision for LLaVA)")
+    s.add_argument("--accuracy-level", type=int, choices=(0, 4), default=4,
+                   help="MatMulNBits activations: 4 = int8 per block (ORT's fast CPU path), 0 = float32")
+    s.add_argument("--external-data", action="store_true", default=None,
+                   help="weights in OUT.data beside the model (automatic past 1.75 GiB of weights)")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .interop.onnx_export import OnnxExportConfig, export_onnx
+
+    cfg = OnnxExportConfig(tower=args.tower, accuracy_level=args.accuracy_level, external_data=args.external_data)
+    report = export_onnx(args.model, args.out, cfg, log=lambda m: print(m, file=sys.stderr))
+    print("\n".join(report.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Quantized vision-language models on edge hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -377,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dual_parsers(sub)
     _run_parser(sub)
     _serve_parser(sub)
+    _export_onnx_parser(sub)
     return p
 
 
@@ -401,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "export-onnx":
+            return cmd_export_onnx(args)
     except BrokenPipeError:
         # `edgevlm info x.evlm | head`: the reader left; stop quietly, as cat/ls do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
