@@ -178,6 +178,53 @@ def test_c_decode_step_equals_numpy_loop(llava):
         dec.fast_decode = True
 
 
+@pytest.mark.parametrize("isa", [None, "ref"])
+def test_decode_plan_equals_the_per_op_loop_bit_for_bit(llava, isa):
+    """A decode step as one DecodePlan call (csrc/ops/decode_step.cc) runs the same ops in the
+    same order as _step's per-op loop: identical logits and caches, not merely close."""
+    src, gold, d = llava
+    rt = Runtime.load(_export(src, d / "q4.evlm", method="rtn", bits=4), isa=isa)
+    dec = rt.decoder
+    assert dec.use_plan
+    p = rt.prepare(str(gold["prompt_0"]), [synthetic_images()[0]])
+    runs = []
+    for plan in (True, False):
+        dec.use_plan = plan
+        cache = dec.new_cache(p.input_ids.size + 8)
+        dec.forward(rt._embed(p), cache, p.positions)
+        runs.append((cache, [dec.forward(dec.embed([t]), cache) for t in (5, 9, 2, 7)]))
+    dec.use_plan = True
+    (c_plan, a), (c_ops, b) = runs
+    assert c_plan.plan is not None and c_plan.plan.n_layers == dec.n_layers and c_ops.plan is None
+    for x, y in zip(a + c_plan.k + c_plan.v, b + c_ops.k + c_ops.v):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_decode_plan_rejects_bad_arguments(llava):
+    from edgevlm import _core
+
+    src, gold, d = llava
+    dec = Runtime.load(_export(src, d / "q4.evlm", method="rtn", bits=4)).decoder
+    cache = dec.new_cache(16)
+    plan = dec._make_plan(cache)
+    x = np.zeros(dec.dim, np.float32)
+    cos = np.ones(dec.rot, np.float32)
+    with pytest.raises(ValueError, match=r"\[DecodePlan.step\] expected 0 <= pos < ctx=16"):
+        plan.step(x, 16, cos, cos)
+    with pytest.raises(ValueError, match=r"expected x with"):
+        plan.step(np.zeros(dec.dim + 1, np.float32), 0, cos, cos)
+    L = dec.layers[0]
+    lin = lambda l: (l.quant.blob, l.quant.qtype.name, l.quant.group, l.quant.n, l.quant.k, l.quant.bias)  # noqa: E731
+    lins = [lin(getattr(L, n)) for n in ("q", "k", "v", "o", "gate", "up", "down")]
+    dims = (dec.dim, dec.n_heads, dec.n_kv, dec.head_dim, 16, L.gate.n)
+    bad_cache = np.zeros((dec.n_kv, 15, dec.head_dim), np.float32)
+    with pytest.raises(ValueError, match=r"expected kc of shape"):
+        _core.DecodePlan([(lins, L.n1, L.n2, None, None, bad_cache, cache.v[0])], dec.norm, dims, 1e-6, 1.0)
+    swapped = [lins[1]] + lins[1:]  # k's [Hkv*hd, D] where q's [Hq*hd, D] belongs
+    with pytest.raises(ValueError, match=r"expected a linear of shape"):
+        _core.DecodePlan([(swapped, L.n1, L.n2, None, None, cache.k[0], cache.v[0])], dec.norm, dims, 1e-6, 1.0)
+
+
 def test_kv_cache_decode_equals_full_forward(llava):
     src, gold, d = llava
     rt = Runtime.load(_export(src, d / "f16.evlm", method="rtn", bits=16))

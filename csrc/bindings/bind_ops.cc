@@ -10,7 +10,9 @@
 
 #include "../common.h"
 #include "../ops/decode_ops.h"
+#include "../ops/decode_step.h"
 #include "../threadpool.h"
+#include "bind_util.h"
 
 namespace py = pybind11;
 using ev::fail;
@@ -116,6 +118,107 @@ py::array_t<float> attend_decode(py::array q, py::array k, py::array v, py::arra
   return out;
 }
 
+// A decode plan: raw views of every layer's packed weights, norms and KV cache (kept alive by
+// `keep`), checked once when built; step() then runs a token through all layers in one call.
+class DecodePlan {
+ public:
+  DecodePlan(const py::list& layers, py::array norm, py::tuple dims, float eps, float scale,
+             std::optional<std::string> isa_name) {
+    const char* op = "DecodePlan";
+    if (dims.size() != 6) fail(op, "expected dims (d, hq, hkv, hd, ctx, inter), got ", dims.size(), " values");
+    ev::StepModel& m = m_;
+    m.d = dims[0].cast<int64_t>();
+    m.hq = dims[1].cast<int64_t>();
+    m.hkv = dims[2].cast<int64_t>();
+    m.hd = dims[3].cast<int64_t>();
+    m.ctx = dims[4].cast<int64_t>();
+    m.inter = dims[5].cast<int64_t>();
+    if (m.d <= 0 || m.hq <= 0 || m.hkv <= 0 || m.hd <= 0 || m.ctx <= 0 || m.inter <= 0 || m.hq % m.hkv)
+      fail(op, "expected positive dims with hq a multiple of hkv, got d=", m.d, " hq=", m.hq, " hkv=", m.hkv, " hd=",
+           m.hd, " ctx=", m.ctx, " inter=", m.inter);
+    m.eps = eps;
+    m.scale = scale;
+    m.isa = ev_bind::resolve_isa(op, isa_name);
+    m.norm = keep_f32(op, "norm", norm, m.d);
+    const int64_t nq = m.hq * m.hd, nkv = m.hkv * m.hd;
+    for (const py::handle& item : layers) {
+      const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+      if (t.size() != 7) fail(op, "expected each layer as (linears, n1, n2, q_norm, k_norm, kc, vc), got ", t.size(), " items");
+      const py::list lins = t[0].cast<py::list>();
+      if (lins.size() != 7) fail(op, "expected 7 linears (q, k, v, o, gate, up, down), got ", lins.size());
+      ev::StepLayer L{};
+      const int64_t shapes[7][2] = {{nq, m.d}, {nkv, m.d}, {nkv, m.d}, {m.d, nq}, {m.inter, m.d}, {m.inter, m.d}, {m.d, m.inter}};
+      ev::StepLinear* dst[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+      for (int i = 0; i < 7; ++i) *dst[i] = linear_view(op, lins[i].cast<py::tuple>(), shapes[i][0], shapes[i][1]);
+      L.n1 = keep_f32(op, "n1", t[1].cast<py::array>(), m.d);
+      L.n2 = keep_f32(op, "n2", t[2].cast<py::array>(), m.d);
+      L.qn = t[3].is_none() ? nullptr : keep_f32(op, "q_norm", t[3].cast<py::array>(), m.hd);
+      L.kn = t[4].is_none() ? nullptr : keep_f32(op, "k_norm", t[4].cast<py::array>(), m.hd);
+      L.kc = cache(op, "kc", t[5].cast<py::array>());
+      L.vc = cache(op, "vc", t[6].cast<py::array>());
+      m.layers.push_back(L);
+    }
+  }
+
+  // x [d] float32 (the token's embedding; updated in place to the residual stream) -> h [d],
+  // the final RMSNorm output (the LM head's input). cos/sin [rot] of position pos.
+  py::array_t<float> step(py::array x, int64_t pos, py::array cos, py::array sin, int threads) {
+    const char* op = "DecodePlan.step";
+    if (!x.writeable()) fail(op, "expected a writable x (it is updated in place)");
+    float* xp = const_cast<float*>(f32(op, "x", x, m_.d));
+    if (pos < 0 || pos >= m_.ctx) fail(op, "expected 0 <= pos < ctx=", m_.ctx, ", got pos=", pos);
+    const int64_t rot = cos.size();
+    if (rot % 2 != 0 || rot > m_.hd || rot <= 0) fail(op, "expected cos of an even length <= hd=", m_.hd, ", got ", rot);
+    const float* cp = f32(op, "cos", cos, rot);
+    const float* sp = f32(op, "sin", sin, rot);
+    py::array_t<float> h(std::vector<py::ssize_t>{(py::ssize_t)m_.d});
+    float* hp = h.mutable_data();
+    {
+      py::gil_scoped_release nogil;
+      ev::decode_step(m_, xp, pos, cp, sp, rot, threads > 0 ? threads : ev::get_num_threads(), hp);
+    }
+    return h;
+  }
+
+  int64_t n_layers() const { return (int64_t)m_.layers.size(); }
+
+ private:
+  const float* keep_f32(const char* op, const char* name, const py::array& a, int64_t n) {
+    const float* p = f32(op, name, a, n);
+    keep_.push_back(a);
+    return p;
+  }
+
+  float* cache(const char* op, const char* name, const py::array& a) {
+    if (a.ndim() != 3 || a.shape(0) != m_.hkv || a.shape(1) != m_.ctx || a.shape(2) != m_.hd)
+      fail(op, "expected ", name, " of shape [", m_.hkv, ", ", m_.ctx, ", ", m_.hd, "], got ", shape_str(a));
+    if (!a.writeable()) fail(op, "expected a writable ", name);
+    return const_cast<float*>(keep_f32(op, name, a, a.size()));
+  }
+
+  // (blob uint8 [bytes], qtype, group, n, k, bias float32 [n] | None) of a packed W [n, k]
+  ev::StepLinear linear_view(const char* op, const py::tuple& t, int64_t n, int64_t k) {
+    if (t.size() != 6) fail(op, "expected a linear as (blob, qtype, group, n, k, bias), got ", t.size(), " items");
+    const py::array blob = t[0].cast<py::array>();
+    const ev::QType qt = ev_bind::parse_qtype(op, t[1].cast<std::string>());
+    const int group = t[2].cast<int>();
+    if (t[3].cast<int64_t>() != n || t[4].cast<int64_t>() != k)
+      fail(op, "expected a linear of shape [", n, ", ", k, "], got [", t[3].cast<int64_t>(), ", ", t[4].cast<int64_t>(), "]");
+    ev_bind::check_group(op, qt, group, k);
+    if (!blob.dtype().is(py::dtype::of<uint8_t>()) || blob.ndim() != 1 || !(blob.flags() & py::array::c_style) ||
+        blob.shape(0) != ev::packed_size(qt, n, k, group))
+      fail(op, "expected a contiguous uint8 blob of ", ev::packed_size(qt, n, k, group), " bytes for ",
+           ev::qtype_name(qt), " [", n, ", ", k, "] group ", group, ", got shape ", shape_str(blob));
+    keep_.push_back(blob);
+    ev::StepLinear l{ev::qmatrix_view(qt, n, k, group, static_cast<const uint8_t*>(blob.data())), nullptr};
+    if (!t[5].is_none()) l.bias = keep_f32(op, "bias", t[5].cast<py::array>(), n);
+    return l;
+  }
+
+  ev::StepModel m_{};
+  std::vector<py::object> keep_;  // every array a view points into
+};
+
 }  // namespace
 
 void init_ops(py::module_& m) {
@@ -130,4 +233,13 @@ void init_ops(py::module_& m) {
         "One decode token's attention: optional per-head q/k RMSNorm, RoPE (cos/sin [rot]), K/V stored "
         "at cache slot pos of kc/vc [Hkv, ctx, hd], grouped-query softmax attention over slots [0, pos]. "
         "Returns float32 [Hq * hd]. Releases the GIL.");
+  py::class_<DecodePlan>(m, "DecodePlan",
+                         "Views of a Llama/Qwen2-family decoder's packed layers and KV cache; step() runs one "
+                         "decode token through every layer (csrc/ops/decode_step.h).")
+      .def(py::init<const py::list&, py::array, py::tuple, float, float, std::optional<std::string>>(),
+           py::arg("layers"), py::arg("norm"), py::arg("dims"), py::arg("eps"), py::arg("scale"),
+           py::arg("isa") = py::none())
+      .def("step", &DecodePlan::step, py::arg("x"), py::arg("pos"), py::arg("cos"), py::arg("sin"),
+           py::arg("threads") = 0, "x [d] (updated in place) -> final-normed h [d]. Releases the GIL.")
+      .def_property_readonly("n_layers", &DecodePlan::n_layers);
 }

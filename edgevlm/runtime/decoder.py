@@ -99,6 +99,7 @@ class KVCache:
     v: list[np.ndarray]
     ctx: int
     length: int = 0
+    plan: Any = None  # the decoder's _core.DecodePlan over these arrays (built at the first decode step)
 
     @property
     def nbytes(self) -> int:
@@ -173,6 +174,8 @@ class Decoder:
         self.vocab = self.tok.v
         self.layers = [_Layer(f, f"text.blocks.{i}", self.eps, isa, c) for i in range(self.n_layers)]
         self.norm = vector(f, "text.norm.weight")
+        #: decode steps run as one _core.DecodePlan call (False: one C++ op call at a time, _step's loop)
+        self.use_plan = self.fast_decode and self._plannable()
         if "lm_head.weight" in f.records:
             self.head = Linear.from_file(f, "lm_head", isa=isa)
         else:  # tied: the embedding table is the head
@@ -291,12 +294,38 @@ class Decoder:
         logits = self.head(rms_norm(x, self.norm, self.eps))
         return logits if all_logits else logits[0]
 
+    def _plannable(self) -> bool:
+        """True when one _core.DecodePlan can run every layer: all seven linears of every layer
+        packed for the CPU kernels (one ISA), no MoE layer, and an extension that has the plan."""
+        if not hasattr(_core, "DecodePlan"):
+            return False
+        lins = [getattr(L, n) for L in self.layers for n in ("q", "k", "v", "o", "gate", "up", "down")
+                if L.moe is None]
+        return (all(L.moe is None for L in self.layers) and all(type(l.quant) is QuantLinear for l in lins)
+                and len({l.isa for l in lins}) == 1)
+
+    def _make_plan(self, cache: KVCache) -> Any:
+        """A DecodePlan over this decoder's packed layers and ``cache``'s arrays (csrc/ops/decode_step.h)."""
+        def lin(l: Linear) -> tuple:
+            q = l.quant
+            return (q.blob, q.qtype.name, q.group, q.n, q.k, q.bias)
+
+        layers = [([lin(getattr(L, n)) for n in ("q", "k", "v", "o", "gate", "up", "down")], L.n1, L.n2,
+                   L.q_norm, L.k_norm, cache.k[i], cache.v[i]) for i, L in enumerate(self.layers)]
+        L0 = self.layers[0]
+        dims = (self.dim, self.n_heads, self.n_kv, self.head_dim, cache.ctx, L0.gate.n)
+        return _core.DecodePlan(layers, self.norm, dims, self.eps, float(F32(self.head_dim ** -0.5)), L0.q.isa)
+
     def _step(self, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """One token x [1, D] through every layer -> logits [V]: the numpy loop of
         :meth:`forward` with its glue (norms, RoPE, cache write, attention, residuals, SwiGLU
         gate) in three C++ calls per layer (csrc/ops/decode_ops.h).  cos, sin: float32 [rot]."""
         pos, eps, scale = cache.length, self.eps, float(F32(self.head_dim ** -0.5))
         x = np.array(x, dtype=F32)                  # the residual stream, updated in place
+        if self.use_plan:  # every layer in one C++ call (the loop below, op for op)
+            if cache.plan is None:
+                cache.plan = self._make_plan(cache)
+            return self.head(cache.plan.step(x.reshape(-1), pos, cos, sin)[None])[0]
         h = _core.rms_norm(x, self.layers[0].n1, eps)
         for li, L in enumerate(self.layers):
             a = _core.attend_decode(L.q(h), L.k(h), L.v(h), cache.k[li], cache.v[li], pos, cos, sin,
