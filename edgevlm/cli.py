@@ -193,7 +193,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     paths = _image_paths(args.images)
     if args.threads:
         set_num_threads(args.threads)
-    enc = load_dual(args.model)
+    enc = load_dual(args.model, device=args.device)
     text = enc.encode_text([args.prompt.format(x) for x in labels])
     adapter = None
     if args.adapt:
@@ -231,7 +231,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if not args.image and not args.text:
         raise ValueError("give --image PATH... and/or --text STRING...")
-    enc = load_dual(args.model)
+    enc = load_dual(args.model, device=args.device)
     out: dict[str, np.ndarray] = {}
     if args.image:
         out["image"] = enc.encode_image(_image_paths(args.image))
@@ -261,18 +261,20 @@ def _dual_parsers(sub) -> None:
     s.add_argument("--adapt", action="store_true", help="LQA Q-TTA test-time adaptation over the stream")
     s.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
     s.add_argument("--json", action="store_true", help="print predictions and summary as JSON")
+    _device_arg(s)
     s = sub.add_parser("embed", help="L2-normalised image / text embeddings (CLIP/SigLIP .evlm)")
     s.add_argument("model")
     s.add_argument("--image", nargs="+", default=[], help="image files, folders or globs")
     s.add_argument("--text", nargs="+", default=[], help="texts")
     s.add_argument("-o", "--out", required=True, help="output .npy (one kind), .npz or .json")
+    _device_arg(s)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .runtime.vlm import Runtime
 
     images = _image_paths(args.image) if args.image else []
-    rt = Runtime.load(args.model, ctx=args.ctx, threads=args.threads or None)
+    rt = Runtime.load(args.model, ctx=args.ctx, threads=args.threads or None, device=args.device)
     stream = (lambda piece: (sys.stdout.write(piece), sys.stdout.flush())) if args.stream else None
     out = rt.generate(args.prompt, images, max_tokens=args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -307,6 +309,13 @@ def _run_parser(sub) -> None:
     s.add_argument("--raw", action="store_true", help="the prompt is already chat-formatted (no template applied)")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _device_arg(s)
+
+
+def _device_arg(s) -> None:
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the packed linears run: cpu (C++ kernels) or cuda (Triton kernels; needs "
+                        "pip install 'edgevlm[cuda]' and an NVIDIA GPU; the rest stays on the CPU)")
 
 
 def _serve_parser(sub) -> None:

@@ -301,14 +301,18 @@ class DualEncoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, verify: bool = False, threads: int | None = None,
-             isa: str | None = None) -> DualEncoder:
+             isa: str | None = None, device: str = "cpu") -> DualEncoder:
         """mmap ``path`` and build both towers (quantized weights stay in the mapping).
 
         ``verify`` checks every tensor's checksum first (reads the whole file); ``threads`` sets
         the kernel thread count (edgevlm.runtime.set_num_threads, process-wide); ``isa`` picks the
         quantized-linear kernels (None: the fastest for this CPU, whose SIMD paths quantize
         activations to int8 per group; "ref": the portable reference with exact fp32
-        activations, slower; see edgevlm.runtime.kernel_info())."""
+        activations, slower; see edgevlm.runtime.kernel_info()); ``device="cuda"`` runs the packed
+        linears on the GPU instead (runtime/cuda_linear.py)."""
+        from .cuda_linear import kernel_target
+
+        isa = kernel_target(device, isa)
         if threads is not None:
             from . import set_num_threads
 

@@ -246,6 +246,10 @@ class Linear:
                  bias: np.ndarray | None = None, isa: str | None = None) -> None:
         if (quant is None) == (weight is None):
             raise ValueError("Linear needs exactly one of quant= (QuantLinear) or weight= (dense [N, K])")
+        if quant is not None and isa == "cuda":  # device='cuda': the same blob on the GPU (cuda_linear.py)
+            from .cuda_linear import CudaQuantLinear
+
+            quant, isa = CudaQuantLinear.from_quant(quant), None
         self.quant = quant
         self.isa = isa
         if weight is not None:

@@ -81,8 +81,14 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, ctx: int | None = None, threads: int | None = None,
-             isa: str | None = None, verify: bool = False) -> Runtime:
-        """mmap ``path`` and build the model (quantized weights stay in the mapping)."""
+             isa: str | None = None, verify: bool = False, device: str = "cpu") -> Runtime:
+        """mmap ``path`` and build the model (quantized weights stay in the mapping).
+
+        ``device="cuda"``: the packed linears run on the GPU (Triton kernels, needs the cuda extra;
+        see runtime/cuda_linear.py), the rest of the forward pass stays numpy."""
+        from .cuda_linear import kernel_target
+
+        isa = kernel_target(device, isa)
         if threads is not None:
             from . import set_num_threads
 
