@@ -23,6 +23,7 @@ _EXPORTS = {
     "matmul": "api", "dequantize": "api", "as_packed": "api", "INTERPRETED": "api",
     "PackedWeight": "layout", "Geometry": "layout", "GEOMETRY": "layout", "QKind": "layout",
     "GemvConfig": "configs", "GemmConfig": "configs", "GEMV_CONFIGS": "configs", "GEMM_CONFIGS": "configs",
+    "GEMV_FAST_CONFIGS": "configs",
 }
 
 

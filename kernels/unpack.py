@@ -130,3 +130,89 @@ def dequant_values(q, s, off, QT: tl.constexpr):
     else:
         w = s * qf + off
     return w
+
+
+# ---- fast code planes (GPU only): PTX on whole 32-bit words ------------------------------------
+# The uint8 path above costs ~20 SASS instructions per code on sm_90 (byte extracts, 16-bit
+# conversions, shifts and masks per element). With ``tl.inline_asm_elementwise(pack=4)`` the four
+# bytes of one register arrive as one 32-bit word and each code becomes one LOP3 and one FMA:
+#   f = (v & (MASK << pos)) | 0x4B000000     float32 bits: 2^23 + c * 2^pos      (pos + bits <= 23)
+#   q = fma(f, 2^-pos, -(2^(23-pos) + bias))  exact: (2^23 + c 2^pos) 2^-pos is exact, and so is the
+#                                             difference (an integer below 2^16)
+# Bytes 0 and 1 sit at pos = 8j + shift in v; bytes 2 and 3 at the same positions in v >> 16 (one
+# shift per word: bits 16..23 would reach the exponent). q8's codes are int8: v = w ^ 0x80808080
+# gives c = q + 128 (bias 128). The interpreter cannot run PTX: there the pure-Triton planes above
+# run instead (FAST = False), and tests/test_triton_kernels.py checks these constants in numpy.
+
+def word_plane_terms(bits: int, plane: int, signed: bool) -> list[tuple[int, int, int, int]]:
+    """Per byte j = 0..3 of a word: (source (0: v, 1: v >> 16), mask, fma scale bits, fma addend
+    bits), such that fma(float_bits((src & mask) | 0x4B000000), scale, addend) is the code of
+    ``plane`` in byte j (bits: 2, 4 or 8 per code; signed: q8)."""
+    out = []
+    for j in range(4):
+        pos = 8 * (j % 2) + bits * plane
+        if pos + bits > 23:
+            raise ValueError(f"[word_plane_terms] code bits {pos}..{pos + bits - 1} leave the float32 mantissa")
+        bias = 128 if signed else 0
+        scale = f32_bits(2.0 ** -pos)
+        addend = f32_bits(-(2.0 ** (23 - pos) + bias))
+        out.append((j // 2, ((1 << bits) - 1) << pos, scale, addend))
+    return out
+
+
+def f32_bits(v: float) -> int:
+    import struct
+
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def word_plane_asm(bits: int, plane: int, signed: bool) -> str:
+    """PTX for one pack of 4 bytes ($4) -> 4 float32 codes ($0..$3) of ``plane``."""
+    lines = ["{", ".reg .b32 v, h;"]
+    lines.append("xor.b32 v, $4, 0x80808080;" if signed else "mov.b32 v, $4;")
+    lines.append("shr.b32 h, v, 16;")
+    for j, (src, mask, scale, addend) in enumerate(word_plane_terms(bits, plane, signed)):
+        lines.append(f"lop3.b32 ${j}, {'h' if src else 'v'}, {mask:#x}, 0x4b000000, 0xea;")  # (a & b) | c
+        lines.append(f"fma.rn.f32 ${j}, ${j}, 0f{scale:08X}, 0f{addend:08X};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_ASM_Q2_0 = tl.constexpr(word_plane_asm(2, 0, False))
+_ASM_Q2_1 = tl.constexpr(word_plane_asm(2, 1, False))
+_ASM_Q2_2 = tl.constexpr(word_plane_asm(2, 2, False))
+_ASM_Q2_3 = tl.constexpr(word_plane_asm(2, 3, False))
+_ASM_Q4_0 = tl.constexpr(word_plane_asm(4, 0, False))
+_ASM_Q4_1 = tl.constexpr(word_plane_asm(4, 1, False))
+_ASM_Q8_0 = tl.constexpr(word_plane_asm(8, 0, True))
+
+
+@triton.jit
+def _word_asm(lo, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [lo], dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def plane_codes_fast(lo, hi, h, p: tl.constexpr, QT: tl.constexpr, FAST: tl.constexpr):
+    """plane_codes_f32 (same values, float32 [BN, T, 16]); FAST: through the PTX above (q2, q4,
+    q8, q2b on a GPU), else the pure-Triton planes (q3, and the interpreter)."""
+    if FAST:
+        if QT == 2:
+            if p == 0:
+                f = _word_asm(lo, _ASM_Q4_0)
+            else:
+                f = _word_asm(lo, _ASM_Q4_1)
+        elif QT == 3:
+            f = _word_asm(lo, _ASM_Q8_0)
+        else:  # q2, q2b: 2-bit crumbs
+            if p == 0:
+                f = _word_asm(lo, _ASM_Q2_0)
+            elif p == 1:
+                f = _word_asm(lo, _ASM_Q2_1)
+            elif p == 2:
+                f = _word_asm(lo, _ASM_Q2_2)
+            else:
+                f = _word_asm(lo, _ASM_Q2_3)
+    else:
+        f = plane_codes_f32(lo, hi, h, p, QT)
+    return f

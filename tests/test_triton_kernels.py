@@ -100,7 +100,9 @@ def test_matmul_matches_float64(qtype, group, n, k):
 
 
 @pytest.mark.parametrize("config", [ek.GemvConfig(8, 128, 1, 1), ek.GemvConfig(4, 128, 3, 1),
-                                    ek.GemvConfig(16, 256, 2, 1), ek.GemvConfig(8, 512, 8, 1)], ids=str)
+                                    ek.GemvConfig(16, 256, 2, 1), ek.GemvConfig(8, 512, 8, 1),
+                                    ek.GemvConfig(8, 128, 3, 1, True), ek.GemvConfig(4, 256, 16, 1, True)],
+                         ids=str)
 def test_gemv_configs_split_k(config):
     """Split-K slices of uneven length, empty slices (split 8 over 4 blocks), blocks past the full
     units, and repeated launches (the fix-up counters must come back to zero)."""
@@ -111,6 +113,30 @@ def test_gemv_configs_split_k(config):
     for _ in range(2):
         y = ek.matmul(x, blob, qtype, n, k, group, config=config, out_dtype=torch.float32)
         _check(y, x, W, np.zeros(n), terms, (k + 32) * U32)
+
+
+@pytest.mark.parametrize("bits,signed", [(2, False), (4, False), (8, True)])
+def test_word_plane_ptx_constants_give_exact_codes(bits, signed):
+    """The word-PTX unpack (unpack.word_plane_asm, GPU only: the interpreter cannot run PTX), emulated
+    in numpy for every 32-bit word pattern of each byte: (src & mask) | 0x4B000000 read as float32,
+    then one fma (exact here: float64 holds the product and sum exactly, and the result is an integer
+    below 2^16, so float32 rounding of the fma is the identity) must give plane p's code of byte j
+    (q8: the int8 value)."""
+    from edgevlm.kernels.unpack import word_plane_asm, word_plane_terms
+
+    b = np.arange(256, dtype=np.uint32)
+    for p in range(8 // bits):
+        asm = word_plane_asm(bits, p, signed)
+        assert asm.count("lop3.b32") == 4 and asm.count("fma.rn.f32") == 4
+        for j, (src, mask, scale, addend) in enumerate(word_plane_terms(bits, p, signed)):
+            word = (b << (8 * j)) ^ (np.uint32(0x80808080) if signed else np.uint32(0))
+            v = (word >> 16) if src else word
+            f = ((v & np.uint32(mask)) | np.uint32(0x4B000000)).view(np.float32).astype(np.float64)
+            s, a = (np.array([x], np.uint32).view(np.float32)[0] for x in (scale, addend))
+            code = f * float(s) + float(a)
+            want = b.astype(np.uint8).view(np.int8).astype(np.float64) if signed else ((b >> (bits * p)) & (2**bits - 1)).astype(np.float64)
+            np.testing.assert_array_equal(code, want)
+            assert np.all(code.astype(np.float32) == code)
 
 
 @pytest.mark.parametrize("config", [ek.GemmConfig(16, 16, 128, 1, 1), ek.GemmConfig(32, 16, 256, 1, 1)], ids=str)
@@ -144,7 +170,7 @@ def test_matmul_rejects_bad_arguments():
     with pytest.raises(ValueError, match="GemvConfig"):
         ek.matmul(torch.zeros(1, 96, dtype=torch.float16), w, config=ek.GemmConfig(16, 16, 128))
     with pytest.raises(ValueError, match="split_k"):
-        ek.GemvConfig(8, 128, 9)
+        ek.GemvConfig(8, 128, 17)
     with pytest.raises(ValueError, match="block_k"):
         ek.GemmConfig(16, 16, 96)
 
