@@ -88,6 +88,94 @@ print(json.dumps({"preds": out, "ms": 1000 * secs / n, "peak_rss_mb": rss}))
 """
 
 
+# Q-TTA cache weights for this data set, tuned on corrupted training digits (a validation stream,
+# benchmarks/tune_qtta.py), as TDA tunes alpha_p/beta_p per data set.  TDA's ImageNet defaults
+# (2.0, 5.0, 0.117) give +3.6 points here instead of +5.
+QTTA_WEIGHTS = {"alpha_p": 5.0, "beta_p": 8.0, "alpha_n": 0.3}
+
+
+def export_demo(out: Path, bits: int) -> Path:
+    """SHQ export of models/demo-clip to out: ``bits``-bit vision, 8-bit text, default calibration."""
+    subprocess.run([sys.executable, "-m", "edgevlm.cli", "export", str(MODEL), "-o", str(out), "--method", "shq",
+                    "--bits", str(bits), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def corrupt_streams(imgs: np.ndarray, labels: np.ndarray, names: list[str], severities: list[int],
+                    noise_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"clean/0", then "<corruption>/<severity>" for each name x severity: (images [N, 32, 32, 3]
+    uint8, labels [N])}, in the order of imgs; image i is corrupted with seed noise_seed + i."""
+    from edgevlm.adapt import corruptions as C
+
+    streams: dict[str, tuple[np.ndarray, np.ndarray]] = {"clean/0": (imgs, labels)}
+    for c in names:
+        for s in severities:
+            streams[f"{c}/{s}"] = (np.stack([C.corrupt(im, c, s, seed=noise_seed + i) for i, im in enumerate(imgs)]),
+                                   labels)
+    return streams
+
+
+def stream_orders(streams: dict, order_seed: int) -> dict[str, np.ndarray]:
+    """One permutation per stream, drawn in the dict's order from default_rng(order_seed)."""
+    rng = np.random.default_rng(order_seed)
+    return {k: rng.permutation(len(v[1])) for k, v in streams.items()}
+
+
+def build_streams(imgs: np.ndarray, labels: np.ndarray, names: list[str], severities: list[int],
+                  seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """corrupt_streams (noise seed ``seed``), each stream in its own seeded random order."""
+    streams = corrupt_streams(imgs, labels, names, severities, seed)
+    order = stream_orders(streams, seed)
+    return {k: (v[0][order[k]], v[1][order[k]]) for k, v in streams.items()}
+
+
+def save_streams(streams: dict[str, tuple[np.ndarray, np.ndarray]], npz: Path) -> Path:
+    """Images only (labels stay with the caller), keys "a/b" -> "a__b" (npz keys are file names)."""
+    np.savez(npz, **{k.replace("/", "__"): v[0] for k, v in streams.items()})
+    return npz
+
+
+def run_fp32(npz: Path, prompts: list[str], threads: int) -> dict:
+    """Zero-shot fp32 (transformers) over every stream of npz in a subprocess (torch stays out of
+    the caller): {"preds": {npz key: [int]}, "ms": per image, "peak_rss_mb": that process's VmHWM}."""
+    r = subprocess.run([sys.executable, "-c", _FP32, str(MODEL), str(npz), str(threads), json.dumps(prompts)],
+                       check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_edgevlm(enc, text: np.ndarray, streams, qtta_config, on_feature=None) -> dict:
+    """Zero-shot and Q-TTA predictions of the loaded runtime ``enc`` over ``streams``, an iterable of
+    (key, images [N, H, W, 3] uint8) consumed lazily; text [C, E] L2-normalised class features.
+
+    One fresh ``QTTA(text, qtta_config)`` per stream (TDA's protocol); batch 1.  Times: encode +
+    argmax per image (zero-shot) and the adapter call (Q-TTA's extra).  ``on_feature(key, f)``,
+    if given, sees every image feature [E] after the timed part (a second adapter can ride along
+    without being timed).  Returns {"preds": {key: {"q": [int], "q_tta": [int]}}, "ms": {"q",
+    "q_tta"}, "qtta_state_bytes": max QTTA.nbytes, "n_images"}."""
+    from edgevlm.adapt import QTTA
+
+    preds, t_zs, t_tta, n_img, tta_bytes = {}, 0.0, 0.0, 0, 0
+    for key, ims in streams:
+        adapter = QTTA(text, qtta_config)
+        zs, tta = [], []
+        for im in ims:
+            t0 = time.perf_counter()
+            f = enc.encode_image(im)[0]
+            zs.append(int(np.argmax(f @ text.T)))
+            t1 = time.perf_counter()
+            tta.append(int(np.argmax(adapter(f))))
+            t2 = time.perf_counter()
+            t_zs += t1 - t0
+            t_tta += t2 - t1
+            n_img += 1
+            if on_feature is not None:
+                on_feature(key, f)
+        tta_bytes = max(tta_bytes, adapter.nbytes)
+        preds[key] = {"q": zs, "q_tta": tta}
+    return {"preds": preds, "ms": {"q": 1000 * t_zs / n_img, "q_tta": 1000 * (t_zs + t_tta) / n_img},
+            "qtta_state_bytes": tta_bytes, "n_images": n_img}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--severities", default="3,5", help="comma list of severities 1-5")
@@ -96,12 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="threads for both runtimes (batch-1 streaming)")
     p.add_argument("--seed", type=int, default=0)
-    # Q-TTA cache weights for this data set, tuned on corrupted training digits (a validation
-    # stream, benchmarks/tune_qtta.py), as TDA tunes alpha_p/beta_p per data set.  TDA's
-    # ImageNet defaults (2.0, 5.0, 0.117) give +3.6 points here instead of +5.
-    p.add_argument("--alpha-p", type=float, default=5.0)
-    p.add_argument("--beta-p", type=float, default=8.0)
-    p.add_argument("--alpha-n", type=float, default=0.3)
+    p.add_argument("--alpha-p", type=float, default=QTTA_WEIGHTS["alpha_p"])   # see QTTA_WEIGHTS
+    p.add_argument("--beta-p", type=float, default=QTTA_WEIGHTS["beta_p"])
+    p.add_argument("--alpha-n", type=float, default=QTTA_WEIGHTS["alpha_n"])
     p.add_argument("--quick", action="store_true", help="severity 5 only, 200 images per stream")
     p.add_argument("--json", default=None)
     p.add_argument("--workdir", default=str(ROOT / "build" / "demo"))
@@ -117,58 +202,38 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     evlm = work / f"demo-clip-shq{a.bits}.evlm"
     print(f"[1/4] export {MODEL.relative_to(ROOT)} with SHQ ({a.bits}-bit vision, 8-bit text) -> {evlm}", flush=True)
-    subprocess.run([sys.executable, "-m", "edgevlm.cli", "export", str(MODEL), "-o", str(evlm), "--method", "shq",
-                    "--bits", str(a.bits), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    export_demo(evlm, a.bits)
 
     print("[2/4] render the held-out digits and corrupt them", flush=True)
     imgs, labels, split = test_stream(a.n)
-    rng = np.random.default_rng(a.seed)
-    streams: dict[str, tuple[np.ndarray, np.ndarray]] = {"clean/0": (imgs, labels)}
-    for c in names:
-        for s in sev:
-            streams[f"{c}/{s}"] = (np.stack([C.corrupt(im, c, s, seed=a.seed + i) for i, im in enumerate(imgs)]),
-                                   labels)
-    order = {k: rng.permutation(len(v[1])) for k, v in streams.items()}
-    streams = {k: (v[0][order[k]], v[1][order[k]]) for k, v in streams.items()}
-    npz = work / "streams.npz"
-    np.savez(npz, **{k.replace("/", "__"): v[0] for k, v in streams.items()})
+    streams = build_streams(imgs, labels, names, sev, a.seed)
+    npz = save_streams(streams, work / "streams.npz")
     prompts = [split["prompt"].format(w) for w in split["labels"]]
 
     print(f"[3/4] zero-shot fp32 (transformers, {a.threads} thread(s), batch 1)", flush=True)
-    r = subprocess.run([sys.executable, "-c", _FP32, str(MODEL), str(npz), str(a.threads), json.dumps(prompts)],
-                       check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    fp32 = json.loads(r.stdout.strip().splitlines()[-1])
+    fp32 = run_fp32(npz, prompts, a.threads)
 
     print(f"[4/4] edgevlm runtime: zero-shot {a.bits}-bit and {a.bits}-bit + Q-TTA", flush=True)
-    from edgevlm.adapt import QTTA, QTTAConfig
+    from edgevlm.adapt import QTTAConfig
     from edgevlm.runtime import load_dual, set_num_threads
 
     set_num_threads(a.threads)
     enc = load_dual(evlm)
     text = enc.encode_text(prompts)                        # [10, E] L2-normalised
     scale = float(np.exp(enc.logit_scale)) if hasattr(enc, "logit_scale") else 100.0
-    rows, t_zs, t_tta, n_img, tta_bytes = [], 0.0, 0.0, 0, 0
-    for key, (ims, y) in streams.items():
-        adapter = QTTA(text, QTTAConfig(alpha_p=a.alpha_p, beta_p=a.beta_p, alpha_n=a.alpha_n, logit_scale=scale))
-        zs, tta = [], []
-        for im in ims:
-            t0 = time.perf_counter()
-            f = enc.encode_image(im)[0]
-            zs.append(int(np.argmax(f @ text.T)))
-            t1 = time.perf_counter()
-            tta.append(int(np.argmax(adapter(f))))
-            t2 = time.perf_counter()
-            t_zs += t1 - t0
-            t_tta += t2 - t1
-            n_img += 1
-        tta_bytes = max(tta_bytes, adapter.nbytes)
+    cfg = QTTAConfig(alpha_p=a.alpha_p, beta_p=a.beta_p, alpha_n=a.alpha_n, logit_scale=scale)
+    q = run_edgevlm(enc, text, ((k, v[0]) for k, v in streams.items()), cfg)
+    rows = []
+    for key, (_, y) in streams.items():
         fk = key.replace("/", "__")
         rows.append({"stream": key, "fp32": float(np.mean(np.asarray(fp32["preds"][fk]) == y)),
-                     "q": float(np.mean(np.asarray(zs) == y)), "q_tta": float(np.mean(np.asarray(tta) == y))})
+                     "q": float(np.mean(np.asarray(q["preds"][key]["q"]) == y)),
+                     "q_tta": float(np.mean(np.asarray(q["preds"][key]["q_tta"]) == y))})
     res = {"rows": rows, "file_mb": evlm.stat().st_size / 1e6,
            "fp32_file_mb": sum(f.stat().st_size for f in MODEL.glob("*.safetensors")) / 1e6,
-           "ms": {"fp32": fp32["ms"], "q": 1000 * t_zs / n_img, "q_tta": 1000 * (t_zs + t_tta) / n_img},
-           "peak_rss_mb": {"fp32": fp32["peak_rss_mb"], "edgevlm": peak_rss_mb()}, "qtta_state_bytes": tta_bytes,
+           "ms": {"fp32": fp32["ms"], **q["ms"]},
+           "peak_rss_mb": {"fp32": fp32["peak_rss_mb"], "edgevlm": peak_rss_mb()},
+           "qtta_state_bytes": q["qtta_state_bytes"],
            "qtta": {"alpha_p": a.alpha_p, "beta_p": a.beta_p, "alpha_n": a.alpha_n},
            "threads": a.threads, "seconds": time.perf_counter() - t_start}
     print_table(res, a.bits)
