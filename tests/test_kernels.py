@@ -286,7 +286,7 @@ def test_default_isa_prefers_avxvnni_and_env_forces_avx2():
             "print(c.default_isa(), ' '.join(c.supported_isas()))")
     run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
     default, *isas = run(env).stdout.split()
-    best = next((i for i in ("avxvnni", "avx2", "neondot", "neon") if i in isas), "ref")
+    best = next((i for i in ("avx512vnni", "avxvnni", "avx2", "neondot", "neon") if i in isas), "ref")
     assert default == best, (default, isas)
     if "avx2" in isas:
         assert run({**env, "EDGEVLM_ISA": "avx2"}).stdout.split()[0] == "avx2"
@@ -294,3 +294,66 @@ def test_default_isa_prefers_avxvnni_and_env_forces_avx2():
         bad = subprocess.run([sys.executable, "-c", code], env={**env, "EDGEVLM_ISA": "avxvnni"},
                              capture_output=True, text=True)
         assert bad.returncode != 0 and "avxvnni" in bad.stderr and "not" in bad.stderr
+
+
+# ---- avx512vnni: zmm GEMM, one int32 lane per output; the same exact integer group dots as avx2 --
+_AVX512 = "avx512vnni" in supported_isas()
+_AVX512_SKIP = "needs a CPU with AVX-512 F/BW/VL + VNNI and a build with -mavx512vnni"
+
+
+def _exact_from_int8(blob, name, n, k, group, q, d, s):
+    """y[m, n] in float64 from the int8 activations the kernels use (q, d, s of quantize_acts) and the
+    packed codes: sum_g scale d idot_g + min s  (idot exact in int64), and sum_g of |each term|."""
+    t = qtypes.get(name)
+    u = t.unpack(blob, n, k, group)
+    g = k // group
+    idot = np.einsum("ngc,mgc->mng", u.codes.astype(np.int64).reshape(n, g, group),
+                     q.astype(np.int64).reshape(-1, g, group))                                   # [M, N, G]
+    term = idot * u.scales.astype(np.float64)[None] * d.astype(np.float64)[:, None, :]
+    mag = np.abs(term)
+    if u.mins is not None:
+        mt = u.mins.astype(np.float64)[None] * s.astype(np.float64)[:, None, :]
+        term, mag = term + mt, mag + np.abs(mt)
+    return term.sum(-1), mag.sum(-1)
+
+
+@pytest.mark.skipif(not _AVX512, reason=_AVX512_SKIP)
+@pytest.mark.parametrize("name", QTYPES)
+def test_avx512vnni_gemm_is_exact_up_to_fp32_summation(rng, name):
+    """The zmm GEMM (N in lanes, 16 x 4-code vpdpbusd; q8 as w + 128 with an exact int32
+    correction) sums the same integer group dots as avx2 from the same int8 activations; only the
+    fp32 summation of the K/group terms (plus one product and the bias) differs, so each output is
+    within (2 K/group + 4) eps * sum_g |term| of the float64 sum of those terms (avx2 splits each
+    group into 8 lane partials, so its bound is in lane terms; test_linear_matches_references
+    bounds both against the reference).
+    Ragged M / N tiles, K chunks (K > 1024) and tails, threads 1 and 2 (bit-identical); GEMV rows
+    (M = 1) are avxvnni's or avx2's kernels, bit for bit."""
+    t = qtypes.get(name)
+    checked = 0
+    for group in qtypes.GROUP_SIZES:
+        for k in [32, 96, 160, 1024, 1184]:
+            if k % group:
+                continue
+            for n, m in [(1, 2), (17, 5), (49, 3), (100, 197), (7, 1)]:
+                w = weights(rng, n, k, group)
+                if n > 2:  # full-scale groups of both signs: extreme codes
+                    w[2, :group] = np.where(np.arange(group) % 2, 1.0, -1.0)
+                blob = t.pack(w, group)
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[:, :group] = np.where(np.arange(group) % 3, 4.0, -4.0)  # |q| = 127 activations
+                bias = rng.standard_normal(n).astype(np.float32) if (n + m) % 2 else None
+                q, d, s = _core.quantize_acts(x, group, isa="avx2")
+                exact, mag = _exact_from_int8(blob, name, n, k, group, q, d, s)
+                if bias is not None:
+                    exact, mag = exact + bias, mag + np.abs(bias)
+                tol = (2 * (k // group) + 4) * EPS32 * mag + 1e-30
+                y = _core.linear(x, blob, name, group, n, bias=bias, isa="avx512vnni", threads=2)
+                y1 = _core.linear(x, blob, name, group, n, bias=bias, isa="avx512vnni", threads=1)
+                np.testing.assert_array_equal(y, y1)
+                err = np.abs(y.astype(np.float64) - exact)
+                assert np.all(err <= tol), f"{name} g{group} M={m} N={n} K={k}: max excess {(err - tol).max()}"
+                if m == 1:
+                    gemv_isa = "avxvnni" if "avxvnni" in supported_isas() else "avx2"
+                    np.testing.assert_array_equal(y, _core.linear(x, blob, name, group, n, bias=bias, isa=gemv_isa))
+                checked += 1
+    assert checked >= 30

@@ -36,6 +36,6 @@ def test_simd_isa_is_compiled_where_the_cpu_has_it():
     feats = _core.cpu_features()
     if platform.machine() in ("x86_64", "AMD64") and feats["avx2"] and feats["fma"] and feats["f16c"]:
         assert "avx2" in _core.supported_isas()
-        assert _core.default_isa() in ("avx2", "avxvnni") or __import__("os").environ.get("EDGEVLM_ISA")
+        assert _core.default_isa() in ("avx2", "avxvnni", "avx512vnni") or __import__("os").environ.get("EDGEVLM_ISA")
     if platform.machine() in ("aarch64", "arm64"):
         assert "neon" in _core.supported_isas()

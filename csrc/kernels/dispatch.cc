@@ -13,6 +13,9 @@
 #ifdef EDGEVLM_HAVE_AVXVNNI
 #include "avxvnni/avxvnni.h"
 #endif
+#ifdef EDGEVLM_HAVE_AVX512VNNI
+#include "avx512vnni/avx512vnni.h"
+#endif
 #ifdef EDGEVLM_HAVE_NEON
 #include "neon/neon.h"
 #include "neondot/neondot.h"
@@ -27,13 +30,14 @@ const char* isa_name(Isa isa) {
     case Isa::Neon: return "neon";
     case Isa::NeonDot: return "neondot";
     case Isa::AvxVnni: return "avxvnni";
+    case Isa::Avx512Vnni: return "avx512vnni";
   }
   return "?";
 }
 
-const char* isa_names() { return "ref|avx2|avxvnni|neon|neondot"; }
+const char* isa_names() { return "ref|avx2|avxvnni|avx512vnni|neon|neondot"; }
 
-bool isa_has_avx2(Isa isa) { return isa == Isa::Avx2 || isa == Isa::AvxVnni; }
+bool isa_has_avx2(Isa isa) { return isa == Isa::Avx2 || isa == Isa::AvxVnni || isa == Isa::Avx512Vnni; }
 
 bool parse_isa(const char* name, Isa* out) {
   for (int i = 0; i < kNumIsas; ++i)
@@ -84,6 +88,35 @@ const IsaKernels* table(Isa isa) {
     return t;
   }();
 #endif
+#ifdef EDGEVLM_HAVE_AVX512VNNI
+  static const IsaKernels avx512vnni = [] {
+    // zmm GEMM for q2/q3/q4/q8; GEMV (bandwidth-bound: zmm brings nothing) and q2b from the
+    // AVX-VNNI build when the CPU has AVX-VNNI (Sapphire Rapids+), else from AVX2 (Ice Lake,
+    // Cascade Lake: AVX-512 VNNI without the VEX form).
+    IsaKernels t;
+    t.isa = Isa::Avx512Vnni;
+    t.int8_acts = true;
+    t.gemm_min_m = 2;
+    t.quantize_acts = quantize_acts_avx2;
+#ifdef EDGEVLM_HAVE_AVXVNNI
+    const bool vex = cpu_features().avxvnni;
+#else
+    const bool vex = false;
+#endif
+    if (vex) {
+#ifdef EDGEVLM_HAVE_AVXVNNI
+      EV_QTABLE(t, avxvnni)
+#endif
+    } else {
+      EV_QTABLE(t, avx2)
+    }
+    t.q[(int)QType::Q2].gemm = gemm_q2_avx512vnni;
+    t.q[(int)QType::Q3].gemm = gemm_q3_avx512vnni;
+    t.q[(int)QType::Q4].gemm = gemm_q4_avx512vnni;
+    t.q[(int)QType::Q8].gemm = gemm_q8_avx512vnni;
+    return t;
+  }();
+#endif
 #ifdef EDGEVLM_HAVE_NEON
   static const IsaKernels neon = [] {
     IsaKernels t;
@@ -112,6 +145,9 @@ const IsaKernels* table(Isa isa) {
 #ifdef EDGEVLM_HAVE_AVXVNNI
     case Isa::AvxVnni: return &avxvnni;
 #endif
+#ifdef EDGEVLM_HAVE_AVX512VNNI
+    case Isa::Avx512Vnni: return &avx512vnni;
+#endif
 #ifdef EDGEVLM_HAVE_NEON
     case Isa::Neon: return &neon;
     case Isa::NeonDot: return &neondot;
@@ -128,6 +164,7 @@ bool cpu_has(Isa isa) {
     case Isa::Neon: return f.neon;
     case Isa::NeonDot: return f.neon && f.dotprod;
     case Isa::AvxVnni: return f.avx2 && f.fma && f.f16c && f.avxvnni;
+    case Isa::Avx512Vnni: return f.avx2 && f.fma && f.f16c && f.avx512vnni;
   }
   return false;
 }
@@ -142,7 +179,7 @@ Isa detect_default() {
            "; unset EDGEVLM_ISA or choose another");
     return want;
   }
-  for (Isa isa : {Isa::AvxVnni, Isa::Avx2, Isa::NeonDot, Isa::Neon})
+  for (Isa isa : {Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2, Isa::NeonDot, Isa::Neon})
     if (isa_supported(isa)) return isa;
   return Isa::Ref;
 }

@@ -20,12 +20,14 @@ namespace ev {
 
 // AvxVnni: the AVX2 kernels with the AVX-VNNI integer dot (a superset of Avx2: same
 // QActs, same results bit for bit). Appended, so the existing values stay stable.
-enum class Isa : int { Ref = 0, Avx2 = 1, Neon = 2, NeonDot = 3, AvxVnni = 4 };
-constexpr int kNumIsas = 5;
+// Avx512Vnni: GEMM with zmm vpdpbusd (csrc/kernels/avx512vnni); GEMV and q2b from avxvnni
+// (or avx2 where the CPU lacks AVX-VNNI); same QActs as Avx2.
+enum class Isa : int { Ref = 0, Avx2 = 1, Neon = 2, NeonDot = 3, AvxVnni = 4, Avx512Vnni = 5 };
+constexpr int kNumIsas = 6;
 const char* isa_name(Isa isa);
-// "ref|avx2|neon|neondot|avxvnni": every ISA name, for error messages.
+// "ref|avx2|avxvnni|avx512vnni|neon|neondot": every ISA name, for error messages.
 const char* isa_names();
-// True for the ISAs whose CPUs run the AVX2+FMA code (avx2, avxvnni): callers with only an
+// True for the ISAs whose CPUs run the AVX2+FMA code (avx2, avxvnni, avx512vnni): callers with only an
 // AVX2 build of their own code (e.g. the decode glue) use it for both.
 bool isa_has_avx2(Isa isa);
 
@@ -69,8 +71,8 @@ struct IsaKernels {
   QKernels q[kNumQTypes];
 };
 
-// dispatch.cc: the best compiled ISA the CPU supports, chosen once (preference: avxvnni,
-// avx2, neondot, neon, ref; EDGEVLM_ISA overrides: ref|avx2|avxvnni|neon|neondot).
+// dispatch.cc: the best compiled ISA the CPU supports, chosen once (preference: avx512vnni,
+// avxvnni, avx2, neondot, neon, ref; EDGEVLM_ISA overrides: ref|avx2|avxvnni|avx512vnni|neon|neondot).
 Isa default_isa();
 bool isa_compiled(Isa isa);
 bool isa_supported(Isa isa);  // compiled and the CPU has the features

@@ -28,6 +28,10 @@ constexpr int64_t kRowAlign = 8;
 // Below this many multiply-adds, waking a second thread costs more than it saves.
 constexpr int64_t kMinParallelMacs = 1 << 16;
 
+// Below this many activations one thread quantizes them all (197 x 768 is ~60 us on one core,
+// not worth a second pool wake-up; 197 x 3072 is).
+constexpr int64_t kMinParallelQuant = 1 << 18;
+
 }  // namespace
 
 void linear(const float* x, int64_t m, const QMatrix& w, const float* bias, float* y, Isa isa,
@@ -41,7 +45,14 @@ void linear(const float* x, int64_t m, const QMatrix& w, const float* bias, floa
     ActScratch& sc = scratch();
     if ((int64_t)sc.q.size() < m * K) sc.q.resize((size_t)(m * K));
     if ((int64_t)sc.d.size() < m * G) { sc.d.resize((size_t)(m * G)); sc.s.resize((size_t)(m * G)); }
-    kt.quantize_acts(x, 0, m, K, w.group, sc.q.data(), sc.d.data(), sc.s.data());
+    // Rows split over the pool when there are many (a 197 x 3072 prefill is ~0.2 ms on one
+    // core); each row's result is the same whichever thread quantizes it.
+    const int qt = m * K >= kMinParallelQuant ? (int)std::min<int64_t>(m, threads > 0 ? threads : get_num_threads()) : 1;
+    const int64_t qper = (m + qt - 1) / qt;
+    parallel_for(qt, [&](int t) {
+      const int64_t r0 = std::min(m, t * qper), r1 = std::min(m, r0 + qper);
+      if (r0 < r1) kt.quantize_acts(x, r0, r1, K, w.group, sc.q.data(), sc.d.data(), sc.s.data());
+    });
     acts = QActs{sc.q.data(), sc.d.data(), sc.s.data(), m, K, w.group};
   }
 

@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 
 from .. import format as fmt
-from .layers import Embedding, Linear, attention, get_activation, layer_norm, sigmoid, softmax, vector
+from .layers import Embedding, Linear, activate_, get_activation, sigmoid, softmax, vector
+from .layers import attention_fast as attention
+from .layers import layer_norm_fast as layer_norm
 from .preprocess import ImagePreprocessor, _is_single
 from .tokenizer import Tokenizer
 
@@ -112,7 +114,7 @@ class _Block:
             q_pos = np.asarray(keep)[:, None]
         a = attention(self.q(h), k, v, self.heads, causal=causal, key_mask=key_mask, q_pos=q_pos)
         x = x + self.o(a)
-        return x + self.fc2(self.act(self.fc1(layer_norm(x, self.n2w, self.n2b, self.eps))))
+        return x + self.fc2(activate_(self.act, self.fc1(layer_norm(x, self.n2w, self.n2b, self.eps))))
 
 
 def _blocks(f: Any, prefix: str, heads: int, eps: float, act: Any, isa: str | None) -> list[_Block]:

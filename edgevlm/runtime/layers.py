@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from .. import qtypes
-from .linear import QuantLinear
+from .linear import QuantLinear, _core
 
-__all__ = ["ACTIVATIONS", "Embedding", "Linear", "attention", "erf", "gelu", "gelu_tanh", "get_activation",
-           "layer_norm", "quick_gelu", "rms_norm", "sigmoid", "silu", "softmax", "to_f32", "vector"]
+__all__ = ["ACTIVATIONS", "Embedding", "Linear", "activate_", "attention", "attention_fast", "erf", "gelu",
+           "gelu_tanh", "get_activation", "layer_norm", "layer_norm_fast", "quick_gelu", "rms_norm", "sigmoid",
+           "silu", "softmax", "to_f32", "vector"]
 
 F32 = np.float32
 
@@ -213,6 +214,67 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int, *, caus
 
 #: the most bytes of attention scores :func:`attention` holds at once (a few heads at a time)
 _SCORE_BYTES = 16 << 20
+
+
+# --------------------------------------------------------------- C++ fast paths (encoder glue)
+# edgevlm._core's encoder glue (csrc/ops/encode_ops.h): the functions above (their numpy twins,
+# tests/test_encode_ops.py checks the pairs), vectorised and split over the kernel threads.  The
+# numpy versions run when the extension is missing or predates the ops, or USE_CORE_OPS is False.
+
+#: False: the numpy glue only (e.g. to time it against the C++ ops; benchmarks/bench_encode.py)
+USE_CORE_OPS = True
+_GELU_KIND: dict[Callable, str] = {gelu: "erf", gelu_tanh: "tanh", quick_gelu: "quick"}
+
+
+def _core_op(name: str):
+    return getattr(_core, name, None) if USE_CORE_OPS and _core is not None else None
+
+
+def _f32_vec(a: np.ndarray | None, d: int) -> np.ndarray | None | bool:
+    """A [D] float32 contiguous view of a LayerNorm weight/bias, None for None, False if it is not [D]."""
+    if a is None:
+        return None
+    a = np.ascontiguousarray(a, dtype=F32)
+    return a.reshape(d) if a.size == d else False
+
+
+def layer_norm_fast(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float) -> np.ndarray:
+    """:func:`layer_norm` through the C++ op when available (x [..., D], weight/bias [D] or None)."""
+    op = _core_op("layer_norm")
+    x = np.asarray(x, dtype=F32)
+    if op is None or x.ndim == 0 or x.shape[-1] == 0:
+        return layer_norm(x, weight, bias, eps)
+    w, b = _f32_vec(weight, x.shape[-1]), _f32_vec(bias, x.shape[-1])
+    if w is False or b is False:  # broadcasting shapes: leave them to numpy
+        return layer_norm(x, weight, bias, eps)
+    return op(np.ascontiguousarray(x), w, b, float(eps))
+
+
+def activate_(act: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """``act(x)`` for an array the caller owns and no longer needs: computed in place by the C++
+    GELUs when ``act`` is :func:`quick_gelu`, :func:`gelu_tanh` or :func:`gelu` and x is a
+    writable C-contiguous float32 array, else ``act(x)`` (a new array)."""
+    kind, op = _GELU_KIND.get(act), _core_op("gelu_inplace")
+    if kind is None or op is None or x.dtype != F32 or not (x.flags.c_contiguous and x.flags.writeable):
+        return act(x)
+    op(x, kind)
+    return x
+
+
+def attention_fast(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int, *, causal: bool = False,
+                   key_mask: np.ndarray | None = None, q_pos: np.ndarray | None = None,
+                   scale: float | None = None) -> np.ndarray:
+    """:func:`attention` (same arguments and result) through the C++ op when available."""
+    op = _core_op("attend_encode")
+    if op is None:
+        return attention(q, k, v, n_heads, causal=causal, key_mask=key_mask, q_pos=q_pos, scale=scale)
+    q, k, v = (np.ascontiguousarray(a, dtype=F32) for a in (q, k, v))
+    b, tq, d = q.shape
+    if d % n_heads:
+        raise ValueError(f"width {d} is not divisible by {n_heads} heads")
+    km = None if key_mask is None else np.ascontiguousarray(np.asarray(key_mask).reshape(b, k.shape[1]) != 0)
+    qp = None if q_pos is None else np.ascontiguousarray(np.asarray(q_pos, dtype=np.int64).reshape(b, tq))
+    return op(q, k, v, n_heads, scale=None if scale is None else float(scale), causal=causal, key_mask=km, q_pos=qp)
 
 
 # ---------------------------------------------------------------------- weights from a file

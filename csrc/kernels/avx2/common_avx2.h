@@ -43,7 +43,11 @@
 
 #include "avx2.h"
 
-#if defined(EV_VNNI)
+#if defined(EV_AVX512VNNI)
+// csrc/kernels/avx512vnni uses the code policies (load128 / unpack_tail / prepare) and helpers,
+// compiled with AVX-512 flags: its own namespace, so no copy can merge into the AVX2 path.
+#define EV_X86_NS avx512vnni
+#elif defined(EV_VNNI)
 #if !defined(__AVXVNNI__)
 #error "EV_VNNI builds need -mavxvnni (cmake/sources.cmake sets it for csrc/kernels/avxvnni)"
 #endif
