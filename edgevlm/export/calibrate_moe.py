@@ -24,8 +24,10 @@ H̃ = (n_e H_routed + n0 H_all) / (n_e + n0), n0 = ``min_tokens`` (design.md §5
 uniform prior"); an expert no calibration token reaches gets H_all.  GPTQ then never runs on a
 near-singular Hessian, and no expert silently falls back to plain RTN.
 
-VEQ hooks (design.md §5): ``expert_weight(canonical, x [n, K], affinity [n], image [n]) ->
-weights [n] | None`` reweights each routed token in the expert Hessians (H̃ = 2XᵀCX, VEQ-MA);
+VEQ hooks (design.md §5): ``expert_weight(canonical, x [n, K], affinity [n], image [n], counts) ->
+weights [n] | None`` reweights each routed token in the expert Hessians (H̃ = 2XᵀCX, VEQ-MA;
+``counts`` = (text, image) real tokens of the whole calibration set, for the modality weights);
+by default the Calibrator's ``expert_weight`` attribute (set by the pipeline for veq-ma);
 :attr:`MoeCalibrator.stats` records per layer and expert the routed token counts and routing
 weight sums split by modality (text / image), the inputs of VEQ-ME's importance S_i.
 """
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .awq import route_capture
 from .calibrate import Batch, Calibrator, _trim_heap
 from .lazy import call_block
 from .quantize import Hessian
@@ -55,18 +58,27 @@ class ExpertStats:
     tokens: np.ndarray     # int64 [E, 2]: tokens routed to each expert, (text, image)
     affinity: np.ndarray   # float64 [E, 2]: Σ routing weight of those tokens, (text, image)
 
+    def to_json(self) -> dict:
+        """The file's record (metadata ``quantization.moe_stats``): plain lists."""
+        return {"layer": int(self.layer), "tokens_text_image": self.tokens.tolist(),
+                "affinity_text_image": [[round(float(v), 6) for v in r] for r in self.affinity]}
+
 
 class MoeCalibrator:
     """Drives one decoder tower through ``cal``, quantizing routed experts per expert."""
 
     def __init__(self, cal: Calibrator, *, min_tokens: int | None = None,
-                 expert_weight: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]
+                 expert_weight: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]],
+                                         torch.Tensor | None]
                  | None = None) -> None:
         min_tokens = MIN_TOKENS if min_tokens is None else min_tokens  # read at call time (tests lower it)
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+        if expert_weight is None:
+            expert_weight = getattr(cal, "expert_weight", None)
         self.cal, self.min_tokens, self.expert_weight = cal, int(min_tokens), expert_weight
         self.stats: list[ExpertStats] = []
+        self.counts = (0, 0)   # (text, image) real calibration tokens, set by run_tower
 
     # ---------------------------------------------------------------------------------------------
     def run_tower(self, tt: dict, batches: list[Batch], image_masks: list[torch.Tensor],
@@ -76,11 +88,20 @@ class MoeCalibrator:
         ``deepstack[l][b]`` [n_b, D]: features added after layer l at those rows.  Returns the
         batches with the last layer's (quantized) outputs as ``hidden``."""
         cal, moe = self.cal, set(tt["moe"])
+        n_img = sum(int((m & b.mask.bool()).sum()) if b.mask is not None else int(m.sum())
+                    for m, b in zip(image_masks, batches))
+        n_all = sum(int(b.mask.sum()) if b.mask is not None else int(m.numel())
+                    for m, b in zip(image_masks, batches))
+        self.counts = (n_all - n_img, n_img)
+        if cal.scale_search is not None:  # VEQ-ME's expert importances need each token's modality
+            cal.scale_search.image_masks = image_masks
         for i in range(tt["n"]):
             path = f"{tt['blocks']}.{i}"
             block = cal.load(path)
             if i in moe:
                 self._load_experts(path, block)
+            if cal.scale_search is not None:  # AWQ / QIG / VEQ-ME scales (awq.MOE_LAYOUTS), folded
+                cal._fold_scales(path, block, batches)
             outs_fp = cal._collect_and_quantize(path, block, batches)  # attention (+ dense MLP) linears
             if i in moe:
                 self._quantize_experts(i, path, block, batches, image_masks)
@@ -107,33 +128,6 @@ class MoeCalibrator:
             a = expert_slices(self.cal.lm.read(f"{path}.mlp.experts.{name}"), p.shape[1], p.shape[2])
             self.cal.lm.set_param(f"{path}.mlp.experts.{name}", torch.from_numpy(np.ascontiguousarray(a)))
 
-    def _capture(self, block: torch.nn.Module, batches: list[Batch], image_masks: list[torch.Tensor]):
-        """Run the block with hooks: (x [n, D], top-k ids [n, k], weights [n, k], image [n] bool)
-        of every real token, batches concatenated."""
-        got: dict[str, list] = {"x": [], "idx": [], "w": []}
-        def on_input(mod, args) -> None:                       # the MoE block's input [B, T, D]
-            got["x"].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-        def on_route(mod, args, out) -> None:                  # (logits, top-k weights, top-k ids)
-            got["w"].append(out[1].detach().float())
-            got["idx"].append(out[2].detach())
-
-        h1 = block.mlp.register_forward_pre_hook(on_input)
-        h2 = block.mlp.gate.register_forward_hook(on_route)
-        keep, image = [], []
-        try:
-            for b, im in zip(batches, image_masks):
-                call_block(block, b.hidden, b.args, b.kwargs)
-                real = b.mask.reshape(-1).bool() if b.mask is not None else torch.ones(im.numel(), dtype=torch.bool)
-                keep.append(real)
-                image.append(im.reshape(-1).bool())
-        finally:
-            h1.remove()
-            h2.remove()
-        real = torch.cat(keep)
-        return (torch.cat(got["x"])[real], torch.cat(got["idx"])[real], torch.cat(got["w"])[real],
-                torch.cat(image)[real])
-
     def _hessian(self, canon: str, x_routed: torch.Tensor, aff: torch.Tensor, img: torch.Tensor,
                  x_all: torch.Tensor | None) -> Hessian | None:
         """The Hessian of one expert linear: routed tokens (VEQ-reweighted if a hook is set),
@@ -143,7 +137,7 @@ class MoeCalibrator:
         h = Hessian(int(x_routed.shape[-1]))
         n = int(x_routed.shape[0])
         if n:
-            c = self.expert_weight(canon, x_routed, aff, img) if self.expert_weight is not None else None
+            c = self.expert_weight(canon, x_routed, aff, img, self.counts) if self.expert_weight is not None else None
             h.add(x_routed, c)
         if n < self.min_tokens and x_all is not None and len(x_all):
             # total prior weight n0 = min_tokens, spread over all tokens: matrix() divides by n + n0
@@ -155,7 +149,8 @@ class MoeCalibrator:
                           image_masks: list[torch.Tensor]) -> None:
         q = self.cal.q
         ex = block.mlp.experts
-        x, idx, w, img = self._capture(block, batches, image_masks)
+        # every real token's MoE input [n, D], top-k ids / routing weights [n, k], image flag [n]
+        x, idx, w, img = route_capture(block, batches, image_masks)
         n_exp, fe = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1] // 2
         tokens, affinity = np.zeros((n_exp, 2), np.int64), np.zeros((n_exp, 2), np.float64)
         gate_up, down = ex.gate_up_proj.data.clone(), ex.down_proj.data.clone()

@@ -24,12 +24,58 @@ class Method(str, enum.Enum):
           within a size budget.
     AWQ   activation-aware per-input-channel scales (export/awq.py) folded into the model, then
           RTN with the clipping search.  ``awq=True`` adds the same scales to gptq / shq.
+    QIG   AWQ's search with per-token weights from integrated gradients of each block's
+          quantization discrepancy (export/qig.py); RTN with the clipping search, or GPTQ on
+          IG-weighted Hessians with ``qig_hessian``.
+    VEQ_MA  VEQ's modality-affinity-aware GPTQ (export/veq.py): each expert's Hessian
+          H̃ = 2XᵀCX from its routed tokens, C = routing weight x modality weight.  ``veq`` is
+          this variant (the paper's headline).  On a model without MoE layers: plain GPTQ.
+    VEQ_ME  VEQ's modality-expert-aware AWQ: the experts' shared scale searched on the
+          per-expert output errors weighted by each expert's modality-aware importance S_i.
+    SPEEDQ  SPEED-Q's staged QAT (export/speedq.py): AdaRound vision tower, projector alignment,
+          then language-model QAT with the bilevel quantizer and self-distillation from the fp
+          model; 2-bit (q2b) or 4-bit.  Trains the whole model in memory (``speedq_device``).
     """
 
     RTN = "rtn"
     GPTQ = "gptq"
     SHQ = "shq"
     AWQ = "awq"
+    QIG = "qig"
+    VEQ = "veq"
+    VEQ_MA = "veq-ma"
+    VEQ_ME = "veq-me"
+    SPEEDQ = "speedq"
+
+
+class QigBaseline(str, enum.Enum):
+    """QIG's integrated-gradient path start x': zeros, or the input as the W4A8 kernels quantize it."""
+
+    ZERO = "zero"
+    QUANTIZED = "quantized"
+
+
+#: methods whose scales come from the activation-aware search (awq.py) by default
+SCALED_METHODS = (Method.AWQ, Method.QIG, Method.VEQ_ME)
+#: methods whose expert Hessians are VEQ-MA's C-weighted ones
+VEQ_MA_METHODS = (Method.VEQ, Method.VEQ_MA)
+
+
+class Format(str, enum.Enum):
+    """What ``edgevlm export`` writes.
+
+    EVLM                one ``.evlm`` file (edgevlm's runtime).
+    COMPRESSED_TENSORS  a Hugging Face folder whose language-model linears are compressed-tensors
+                        "pack-quantized" (transformers, vLLM), plus the ``.evlm`` of the same
+                        weights (edgevlm/interop/hf_quantized.py).
+    GPTQ                the same with the GPTQ (v1) checkpoint layout.
+    Both Hugging Face formats store integer zero points: the language model is quantized with
+    them (export/int_zero.py), so the two files hold the same weights bit for bit.
+    """
+
+    EVLM = "evlm"
+    COMPRESSED_TENSORS = "compressed-tensors"
+    GPTQ = "gptq"
 
 
 #: Widths a quantizable tensor can get.  16 means "not quantized, stored float16".
@@ -75,7 +121,31 @@ class ExportConfig:
                 every group's (scale, min) to its codes by least squares on the layer-output
                 error; a further round reruns GPTQ with those params fixed, then refits again.
                 0 = off.
-    batch_size  calibration samples run through a block at once (memory vs speed).
+    block_refine  after GPTQ fixes a block's codes, tune its group (scale, min) params with Adam
+                on the block-output error against the full-precision model (export/blockrecon.py);
+                gptq / shq only.  A block keeps its GPTQ params unless the tuned ones, rounded to
+                float16, lower its calibration error.
+    block_refine_steps  Adam steps per block (one calibration batch each).
+    block_refine_lr     Adam learning rate, relative to each parameter's size.
+    block_refine_vectors  also tune the block's float32 norm weights/biases and linear biases.
+    qig_steps   qig: Riemann steps of the integrated-gradient path (32 as the paper).
+    qig_baseline  qig: path start, zero or quantized (the int8-quantized input); None = zero,
+                or quantized with qig_act8 (the paper's choices).
+    qig_hessian qig: GPTQ on Hessians weighted by the same token importances (else RTN + clip).
+    qig_act8    qig: calibrate for int8 activations (W4A8 runtime: the kernels quantize
+                activations per token and group): the discrepancy and the scale search see
+                fake-quantized activations; no IQR clipping (as the paper's W4A8 code).
+    veq_text_weight  veq*: modality weight of text tokens (image tokens 1); None = the
+                token-count ratio image/text of the calibration set, clipped to [0.1, 10].
+    format      evlm (one .evlm file) or a Hugging Face checkpoint folder for scale-out serving
+                (compressed-tensors, gptq); see :class:`Format`.
+    speedq_steps  speedq: stage-3 QAT optimiser steps (the paper: ~10K at batch 64).
+    speedq_stage2_steps  speedq: stage-2 projector-alignment steps.
+    speedq_adaround_iters  speedq: stage-1 AdaRound iterations per vision block (BRECQ: 20000).
+    speedq_lr   speedq: AdamW learning rate of stages 2-3 (cosine; the paper's 8e-6 is for 10K steps).
+    speedq_device  speedq: torch device of the training ("cpu", "cuda", "cuda:1", ...).
+    batch_size  calibration samples run through a block at once (memory vs speed); speedq's
+                training batch.
     seed        calibration sampling / augmentation seed.
     """
 
@@ -97,6 +167,21 @@ class ExportConfig:
     awq: bool | None = None
     awq_grid: int = 20
     refit: int = 0
+    block_refine: bool = False
+    block_refine_steps: int = 200
+    block_refine_lr: float = 3e-3
+    block_refine_vectors: bool = False
+    qig_steps: int = 32
+    qig_baseline: QigBaseline | None = None
+    qig_hessian: bool = False
+    qig_act8: bool = False
+    veq_text_weight: float | None = None
+    speedq_steps: int = 100
+    speedq_stage2_steps: int = 30
+    speedq_adaround_iters: int = 200
+    speedq_lr: float = 1e-4
+    speedq_device: str = "cpu"
+    format: Format = Format.EVLM
     batch_size: int = 8
     seed: int = 0
     progress: bool = True
@@ -137,12 +222,88 @@ class ExportConfig:
         if self.method is Method.AWQ and self.awq is False:
             raise ValueError("method=awq is the activation-aware scale search: awq=False contradicts it "
                              "(use method=rtn for RTN without scales)")
+        if self.method in SCALED_METHODS and self.awq is False:
+            raise ValueError(f"method={self.method.value} is an activation-aware scale search: awq=False "
+                             "contradicts it (use method=rtn or gptq without scales)")
+        if isinstance(self.qig_steps, bool) or not (isinstance(self.qig_steps, int) and 2 <= self.qig_steps <= 512):
+            raise ValueError(f"qig_steps must be an integer in [2, 512], got {self.qig_steps!r}")
+        if self.qig_baseline is not None:
+            try:
+                object.__setattr__(self, "qig_baseline", QigBaseline(self.qig_baseline))
+            except ValueError:
+                raise ValueError(f"qig_baseline must be one of {', '.join(b.value for b in QigBaseline)}, "
+                                 f"got {self.qig_baseline!r}") from None
+        qig_set = [n for n in ("qig_hessian", "qig_act8") if getattr(self, n) is not False] + \
+            (["qig_baseline"] if self.qig_baseline is not None else [])
+        if qig_set and self.method is not Method.QIG:
+            raise ValueError(f"{', '.join(qig_set)} configure method=qig, got method={self.method.value}; "
+                             "add --method qig or drop them")
+        for n in ("qig_hessian", "qig_act8"):
+            if not isinstance(getattr(self, n), bool):
+                raise ValueError(f"{n} must be True or False, got {getattr(self, n)!r}")
+        v = self.veq_text_weight
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v > 0):
+            raise ValueError(f"veq_text_weight must be a positive number (image tokens weigh 1), got {v!r}")
+        if v is not None and self.method not in (*VEQ_MA_METHODS, Method.VEQ_ME):
+            raise ValueError(f"veq_text_weight configures method=veq/veq-ma/veq-me, got method={self.method.value}")
         if isinstance(self.awq_grid, bool) or not (isinstance(self.awq_grid, int) and 2 <= self.awq_grid <= 100):
             raise ValueError(f"awq_grid must be an integer in [2, 100], got {self.awq_grid!r}")
         if isinstance(self.refit, bool) or not (isinstance(self.refit, int) and 0 <= self.refit <= 10):
             raise ValueError(f"refit must be an integer in [0, 10] (rounds), got {self.refit!r}")
+        self._check_block_refine()
+        self._check_speedq()
+        self._check_format()
         if not (isinstance(self.damp, (int, float)) and 0.0 < self.damp < 1.0):
             raise ValueError(f"damp must be in (0, 1) (a fraction of the mean Hessian diagonal), got {self.damp!r}")
+
+    def _check_block_refine(self) -> None:
+        for name in ("block_refine", "block_refine_vectors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.block_refine and self.method not in (Method.GPTQ, Method.SHQ):
+            raise ValueError(f"block_refine tunes the group params of GPTQ codes and needs method=gptq or shq, "
+                             f"got method={self.method.value}")
+        tuned = [f for f in ("block_refine_steps", "block_refine_lr", "block_refine_vectors")
+                 if getattr(self, f) != self.__dataclass_fields__[f].default]
+        if tuned and not self.block_refine:
+            raise ValueError(f"{', '.join(tuned)} only apply with block_refine=True (--block-refine), which is off")
+        steps = self.block_refine_steps
+        if isinstance(steps, bool) or not (isinstance(steps, int) and 1 <= steps <= 100_000):
+            raise ValueError(f"block_refine_steps must be an integer in [1, 100000] (Adam steps per block), "
+                             f"got {steps!r}")
+        lr = self.block_refine_lr
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0.0 < lr <= 0.1):
+            raise ValueError(f"block_refine_lr must be in (0, 0.1] (relative change per Adam step), got {lr!r}")
+
+    def _check_format(self) -> None:
+        try:
+            object.__setattr__(self, "format", Format(self.format))
+        except ValueError:
+            raise ValueError(f"format must be one of {', '.join(f.value for f in Format)}, "
+                             f"got {self.format!r}") from None
+        if self.format is not Format.EVLM and (self.refit or self.block_refine):
+            raise ValueError(f"format={self.format.value} stores integer zero points, which refit / block_refine "
+                             "(float least-squares group params) would break; leave them off for this format")
+
+    def _check_speedq(self) -> None:
+        if self.method is Method.SPEEDQ:
+            if self.bits not in (2, 4):
+                raise ValueError(f"method=speedq has a 2-bit and a 4-bit recipe: bits must be 2 or 4, got "
+                                 f"{self.bits!r}; use method=gptq or rtn for other widths")
+            if self.text_bits not in (None, self.bits):
+                raise ValueError(f"method=speedq quantizes the language model at bits={self.bits}: text_bits must "
+                                 f"be unset or {self.bits}, got {self.text_bits!r}")
+        for name in ("speedq_steps", "speedq_stage2_steps", "speedq_adaround_iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, int) and 0 <= v <= 10_000_000):
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        lr = self.speedq_lr
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0.0 < lr <= 1.0):
+            raise ValueError(f"speedq_lr must be in (0, 1], got {lr!r}")
+        if not (isinstance(self.speedq_device, str) and self.speedq_device):
+            raise ValueError(f"speedq_device must be a torch device string such as 'cpu' or 'cuda', "
+                             f"got {self.speedq_device!r}")
 
     @property
     def effective_clip_search(self) -> bool:
@@ -154,7 +315,13 @@ class ExportConfig:
     def effective_awq(self) -> bool:
         if self.awq is not None:
             return bool(self.awq)
-        return self.method is Method.AWQ
+        return self.method in SCALED_METHODS
+
+    @property
+    def effective_qig_baseline(self) -> QigBaseline:
+        if self.qig_baseline is not None:
+            return self.qig_baseline
+        return QigBaseline.QUANTIZED if self.qig_act8 else QigBaseline.ZERO
 
     @property
     def effective_text_bits(self) -> int:
@@ -170,4 +337,14 @@ class ExportConfig:
                 "keep_bits": self.keep_bits, "clip_search": self.effective_clip_search, "act_order": self.act_order,
                 "true_sequential": self.true_sequential,
                 "awq": self.effective_awq, "awq_grid": self.awq_grid, "refit": self.refit,
-                "damp": self.damp, "seed": self.seed}
+                "damp": self.damp, "seed": self.seed,
+                **({"block_refine": {"steps": self.block_refine_steps, "lr": self.block_refine_lr,
+                                     "vectors": self.block_refine_vectors}} if self.block_refine else {}),
+                **({"qig_steps": self.qig_steps, "qig_baseline": self.effective_qig_baseline.value,
+                    "qig_hessian": self.qig_hessian, "qig_act8": self.qig_act8} if self.method is Method.QIG else {}),
+                **({"veq_text_weight": self.veq_text_weight}
+                   if self.method in (*VEQ_MA_METHODS, Method.VEQ_ME) else {}),
+                **({"speedq": {"steps": self.speedq_steps, "stage2_steps": self.speedq_stage2_steps,
+                               "adaround_iters": self.speedq_adaround_iters, "lr": self.speedq_lr}}
+                   if self.method is Method.SPEEDQ else {}),
+                **({"format": self.format.value} if self.format is not Format.EVLM else {})}

@@ -22,7 +22,9 @@ def dequantized_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
     Names come from each record's ``extra["src"]`` (checkpoint name), canonicalised by the
     family table.  Only the tokenizer blob is skipped; any other record without a source name,
-    or two records mapping to one parameter, is a ValueError."""
+    or two records mapping to one parameter, is a ValueError.  Families whose checkpoint fuses
+    matrices the file stores apart (Qwen3-VL-MoE's experts: one [N, K] record per expert) get
+    them fused back into the module parameters ([E, N, K]), so the dict loads into the model."""
     out = {}
     with fmt.open(path) as f:
         fam = family_for(f.metadata["config"])
@@ -43,6 +45,10 @@ def dequantized_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                 n, k = rec.shape
                 a = qtypes.get(rec.qtype).dequantize(np.asarray(a).reshape(-1), n, k, rec.group_size)
             out[key] = np.array(a, dtype=np.float32).reshape(rec.shape)  # copy: the mmap view is read-only
+    if fam.fused:
+        from .tm_qwen3vlmoe import fuse_experts   # the only family with fused rows
+
+        out = fuse_experts(out)
     return out
 
 

