@@ -150,6 +150,21 @@ def test_quantized_logits_stay_within_documented_bounds(llava, bits, min_cos):
         assert _cos(rt.logits(p), gold[f"logits_{i}"]) >= min_cos
 
 
+def _decode_both_ways(rt, p, switch: str):
+    """Prefill p, then decode 4 tokens, with the decoder's boolean ``switch`` on and then off:
+    [(cache, logits per step)] for each setting (the switch is left on)."""
+    dec, runs = rt.decoder, []
+    try:
+        for on in (True, False):
+            setattr(dec, switch, on)
+            cache = dec.new_cache(p.input_ids.size + 8)
+            dec.forward(rt._embed(p), cache, p.positions)
+            runs.append((cache, [dec.forward(dec.embed([t]), cache) for t in (5, 9, 2, 7)]))
+    finally:
+        setattr(dec, switch, True)
+    return runs
+
+
 def test_c_decode_step_equals_numpy_loop(llava):
     """Decode steps run the C++ glue ops (Decoder._step); the numpy loop is their twin: same
     logits to float32 rounding over several cached positions, same greedy tokens."""
@@ -158,14 +173,7 @@ def test_c_decode_step_equals_numpy_loop(llava):
     dec = rt.decoder
     assert dec.fast_decode
     p = rt.prepare(str(gold["prompt_0"]), [synthetic_images()[0]])
-    caches = []
-    for fast in (True, False):
-        dec.fast_decode = fast
-        cache = dec.new_cache(p.input_ids.size + 8)
-        dec.forward(rt._embed(p), cache, p.positions)
-        caches.append((cache, [dec.forward(dec.embed([t]), cache) for t in (5, 9, 2, 7)]))
-    dec.fast_decode = True
-    (c_fast, fast), (c_np, ref) = caches
+    (c_fast, fast), (c_np, ref) = _decode_both_ways(rt, p, "fast_decode")
     for a, b in zip(fast, ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(c_fast.k + c_fast.v, c_np.k + c_np.v):
@@ -187,14 +195,7 @@ def test_decode_plan_equals_the_per_op_loop_bit_for_bit(llava, isa):
     dec = rt.decoder
     assert dec.use_plan
     p = rt.prepare(str(gold["prompt_0"]), [synthetic_images()[0]])
-    runs = []
-    for plan in (True, False):
-        dec.use_plan = plan
-        cache = dec.new_cache(p.input_ids.size + 8)
-        dec.forward(rt._embed(p), cache, p.positions)
-        runs.append((cache, [dec.forward(dec.embed([t]), cache) for t in (5, 9, 2, 7)]))
-    dec.use_plan = True
-    (c_plan, a), (c_ops, b) = runs
+    (c_plan, a), (c_ops, b) = _decode_both_ways(rt, p, "use_plan")
     assert c_plan.plan is not None and c_plan.plan.n_layers == dec.n_layers and c_ops.plan is None
     for x, y in zip(a + c_plan.k + c_plan.v, b + c_ops.k + c_ops.v):
         np.testing.assert_array_equal(x, y)

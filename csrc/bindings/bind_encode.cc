@@ -12,25 +12,17 @@
 
 #include "../common.h"
 #include "../ops/encode_ops.h"
+#include "bind_util.h"
 
 namespace py = pybind11;
 using ev::fail;
 
 namespace {
 
-std::string shape_of(const py::array& a) {
-  std::string s = "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + "]";
-}
+using ev_bind::shape_str;
 
 // A float32 C-contiguous array; returns its data.
-float* f32(const char* op, const char* name, const py::array& a) {
-  if (!a.dtype().is(py::dtype::of<float>()))
-    fail(op, "expected ", name, ".dtype float32, got ", py::str(a.dtype()).cast<std::string>());
-  if (!(a.flags() & py::array::c_style)) fail(op, "expected ", name, " to be C-contiguous (use np.ascontiguousarray)");
-  return static_cast<float*>(const_cast<void*>(a.data()));
-}
+float* f32(const char* op, const char* name, const py::array& a) { return ev_bind::f32_data(op, name, a); }
 
 ev::Gelu parse_gelu(const char* op, const std::string& s) {
   if (s == "quick") return ev::Gelu::Quick;
@@ -57,23 +49,23 @@ py::array_t<float> layer_norm(py::array x, std::optional<py::array> w, std::opti
   if (x.ndim() < 1) fail(op, "expected x of shape [..., D], got a scalar");
   const float* xp = f32(op, "x", x);
   const int64_t d = x.shape(x.ndim() - 1), rows = d ? x.size() / d : 0;
-  if (d <= 0) fail(op, "expected D > 0, got x of shape ", shape_of(x));
+  if (d <= 0) fail(op, "expected D > 0, got x of shape ", shape_str(x));
   if (!(eps >= 0.f) || !std::isfinite(eps)) fail(op, "expected a finite eps >= 0, got ", eps);
   const float* wp = nullptr;
   const float* bp = nullptr;
   if (w) {
     wp = f32(op, "w", *w);
-    if (w->size() != d) fail(op, "expected w of shape [", d, "], got ", shape_of(*w));
+    if (w->size() != d) fail(op, "expected w of shape [", d, "], got ", shape_str(*w));
   }
   if (b) {
     bp = f32(op, "b", *b);
-    if (b->size() != d) fail(op, "expected b of shape [", d, "], got ", shape_of(*b));
+    if (b->size() != d) fail(op, "expected b of shape [", d, "], got ", shape_str(*b));
   }
   py::array_t<float> y;
   if (out) {
     f32(op, "out", *out);
     if (out->ndim() != x.ndim() || !std::equal(x.shape(), x.shape() + x.ndim(), out->shape()))
-      fail(op, "expected out of shape ", shape_of(x), ", got ", shape_of(*out));
+      fail(op, "expected out of shape ", shape_str(x), ", got ", shape_str(*out));
     if (!out->writeable()) fail(op, "expected out to be writable");
     y = py::reinterpret_borrow<py::array_t<float>>(*out);
   } else {
@@ -94,10 +86,10 @@ py::array_t<float> attend_encode(py::array q, py::array k, py::array v, int64_t 
                                  std::optional<py::array> out, int threads) {
   const char* op = "attend_encode";
   for (const auto& [name, a] : {std::pair<const char*, const py::array*>{"q", &q}, {"k", &k}, {"v", &v}})
-    if (a->ndim() != 3) fail(op, "expected ", name, " of shape [B, T, D], got ", shape_of(*a));
+    if (a->ndim() != 3) fail(op, "expected ", name, " of shape [B, T, D], got ", shape_str(*a));
   const int64_t B = q.shape(0), tq = q.shape(1), d = q.shape(2), tk = k.shape(1);
   if (k.shape(0) != B || k.shape(2) != d || v.shape(0) != B || v.shape(1) != tk || v.shape(2) != d)
-    fail(op, "expected k and v of shape [", B, ", Tk, ", d, "] (same Tk), got ", shape_of(k), " and ", shape_of(v));
+    fail(op, "expected k and v of shape [", B, ", Tk, ", d, "] (same Tk), got ", shape_str(k), " and ", shape_str(v));
   if (heads <= 0 || d % heads) fail(op, "expected heads > 0 dividing D=", d, ", got ", heads);
   if (tk <= 0) fail(op, "expected at least one key, got Tk=", tk);
   ev::AttnEncodeArgs a{};
@@ -116,21 +108,21 @@ py::array_t<float> attend_encode(py::array q, py::array k, py::array v, int64_t 
     if (!key_mask->dtype().is(py::dtype::of<uint8_t>()) && !key_mask->dtype().is(py::dtype::of<bool>()))
       fail(op, "expected key_mask.dtype uint8 or bool, got ", py::str(key_mask->dtype()).cast<std::string>());
     if (!(key_mask->flags() & py::array::c_style) || key_mask->size() != B * tk)
-      fail(op, "expected a C-contiguous key_mask of shape [", B, ", ", tk, "], got ", shape_of(*key_mask));
+      fail(op, "expected a C-contiguous key_mask of shape [", B, ", ", tk, "], got ", shape_str(*key_mask));
     a.key_mask = static_cast<const uint8_t*>(key_mask->data());
   }
   if (q_pos) {
     if (!q_pos->dtype().is(py::dtype::of<int64_t>()))
       fail(op, "expected q_pos.dtype int64, got ", py::str(q_pos->dtype()).cast<std::string>());
     if (!(q_pos->flags() & py::array::c_style) || q_pos->size() != B * tq)
-      fail(op, "expected a C-contiguous q_pos of shape [", B, ", ", tq, "], got ", shape_of(*q_pos));
+      fail(op, "expected a C-contiguous q_pos of shape [", B, ", ", tq, "], got ", shape_str(*q_pos));
     a.q_pos = static_cast<const int64_t*>(q_pos->data());
   }
   py::array_t<float> o;
   if (out) {
     f32(op, "out", *out);
     if (out->ndim() != 3 || out->shape(0) != B || out->shape(1) != tq || out->shape(2) != d)
-      fail(op, "expected out of shape [", B, ", ", tq, ", ", d, "], got ", shape_of(*out));
+      fail(op, "expected out of shape [", B, ", ", tq, ", ", d, "], got ", shape_str(*out));
     if (!out->writeable()) fail(op, "expected out to be writable");
     o = py::reinterpret_borrow<py::array_t<float>>(*out);
   } else {

@@ -19,19 +19,13 @@ using ev::fail;
 
 namespace {
 
-std::string shape_str(const py::array& a) {
-  std::string s = "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + "]";
-}
+using ev_bind::shape_str;
 
 // A float32 C-contiguous array of `n` elements (any shape); returns its data.
 const float* f32(const char* op, const char* name, const py::array& a, int64_t n) {
-  if (!a.dtype().is(py::dtype::of<float>()))
-    fail(op, "expected ", name, ".dtype float32, got ", py::str(a.dtype()).cast<std::string>());
-  if (!(a.flags() & py::array::c_style)) fail(op, "expected ", name, " to be C-contiguous (use np.ascontiguousarray)");
+  const float* p = ev_bind::f32_data(op, name, a);
   if (a.size() != n) fail(op, "expected ", name, " with ", n, " elements, got shape ", shape_str(a));
-  return static_cast<const float*>(a.data());
+  return p;
 }
 
 const float* opt_f32(const char* op, const char* name, const std::optional<py::array>& a, int64_t n) {

@@ -1,6 +1,9 @@
-// bind_util.h — argument parsing shared by the binding files (quant type names, group sizes).
+// bind_util.h — argument parsing shared by the binding files (quant type names, group sizes,
+// float32 arrays).
 // Errors are ValueError("[op] expected X, got Y") via ev::fail.
 #pragma once
+
+#include <pybind11/numpy.h>
 
 #include <optional>
 #include <string>
@@ -11,7 +14,23 @@
 
 namespace ev_bind {
 
+namespace py = pybind11;
 using ev::fail;
+
+// "[d0, d1, ...]" for error messages
+inline std::string shape_str(const py::array& a) {
+  std::string s = "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + "]";
+}
+
+// The data of a float32 C-contiguous array (any shape); ValueError otherwise.
+inline float* f32_data(const char* op, const char* name, const py::array& a) {
+  if (!a.dtype().is(py::dtype::of<float>()))
+    fail(op, "expected ", name, ".dtype float32, got ", py::str(a.dtype()).cast<std::string>());
+  if (!(a.flags() & py::array::c_style)) fail(op, "expected ", name, " to be C-contiguous (use np.ascontiguousarray)");
+  return static_cast<float*>(const_cast<void*>(a.data()));
+}
 
 inline ev::QType parse_qtype(const char* op, const std::string& s) {
   for (int i = 0; i < ev::kNumQTypes; ++i)
