@@ -30,6 +30,7 @@ void init_info(py::module_& m) {
     const ev::CpuFeatures& f = ev::cpu_features();
     py::dict d;
     d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["avx_vnni"] = f.avxvnni;
+    d["avx512_vnni"] = f.avx512vnni;
     d["neon"] = f.neon; d["dotprod"] = f.dotprod; d["i8mm"] = f.i8mm;
     return d;
   });

@@ -2,7 +2,7 @@
 
 The blob is usually a zero-copy view into a memory-mapped .evlm file, so constructing a
 QuantLinear reads nothing. The product runs in ``edgevlm._core`` (SIMD kernels chosen at
-import; ``EDGEVLM_ISA=ref|avx2|avxvnni|neon|neondot`` overrides). If the extension could
+import; ``EDGEVLM_ISA=ref|avx2|avxvnni|avx512vnni|neon|neondot`` overrides). If the extension could
 not be built, a numpy fallback dequantizes per call, so results stay correct, only slow.
 """
 
