@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Triton kernels' tests run them on CPU tensors in the interpreter, which triton reads at its
+# own import: set it before any test module (or torch, which may import triton) can import it.
+# EDGEVLM_TRITON_GPU=1 leaves it unset, for running tests/test_triton_kernels.py on a real GPU.
+if not os.environ.get("EDGEVLM_TRITON_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
