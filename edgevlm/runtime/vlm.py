@@ -86,9 +86,11 @@ class Runtime:
 
         ``device="cuda"``: the packed linears run on the GPU (Triton kernels, needs the cuda extra;
         see runtime/cuda_linear.py), the rest of the forward pass stays numpy."""
+        from .blas import limit_numpy_blas
         from .cuda_linear import kernel_target
 
         isa = kernel_target(device, isa)
+        limit_numpy_blas()  # numpy's BLAS threads would spin on the kernels' cores
         if threads is not None:
             from . import set_num_threads
 
