@@ -179,7 +179,7 @@ def test_cuda_quant_linear_matches_cpu_quant_linear():
     """The runtime's CUDA linear (here on CPU tensors, interpreted) against the CPU QuantLinear's
     portable reference: float32 activations in and out, bias applied, any leading shape."""
     from edgevlm.runtime import QuantLinear
-    from edgevlm.runtime.cuda_linear import CudaQuantLinear
+    from edgevlm.kernels.quant_linear import CudaQuantLinear
 
     qtype, group, n, k = "q2b", 16, 19, 160
     blob, W = _weights(qtype, group, n, k)

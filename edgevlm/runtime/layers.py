@@ -309,9 +309,9 @@ class Linear:
         if (quant is None) == (weight is None):
             raise ValueError("Linear needs exactly one of quant= (QuantLinear) or weight= (dense [N, K])")
         if quant is not None and isa == "cuda":  # device='cuda': the same blob on the GPU (cuda_linear.py)
-            from .cuda_linear import CudaQuantLinear
+            from .cuda_linear import to_cuda
 
-            quant, isa = CudaQuantLinear.from_quant(quant), None
+            quant, isa = to_cuda(quant), None
         self.quant = quant
         self.isa = isa
         if weight is not None:
