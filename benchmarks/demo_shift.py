@@ -16,11 +16,10 @@ columns run in this process, which never imports torch, so its peak RSS is the r
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
+# argparse, importlib.util and subprocess are imported where used: bench_tta's worker imports this
+# module for run_edgevlm, and its peak RSS should hold the runtime, not the harness.
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ MODEL = ROOT / "models" / "demo-clip"
 
 
 def _train_module():
+    import importlib.util
+
     spec = importlib.util.spec_from_file_location("train_demo_clip", ROOT / "tools" / "train_demo_clip.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -52,12 +53,17 @@ def test_stream(n: int | None):
     return imgs, d.target[idx], split
 
 
-def peak_rss_mb() -> float:
+def proc_status_mb(key: str) -> float:
+    """VmHWM / VmRSS of this process in MB (2^20 bytes: the kernel's kB / 1024); nan off Linux."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return proc_status_mb("VmHWM")
 
 
 # --- fp32 reference (subprocess: torch + transformers) --------------------------------------------
@@ -96,6 +102,8 @@ QTTA_WEIGHTS = {"alpha_p": 5.0, "beta_p": 8.0, "alpha_n": 0.3}
 
 def export_demo(out: Path, bits: int) -> Path:
     """SHQ export of models/demo-clip to out: ``bits``-bit vision, 8-bit text, default calibration."""
+    import subprocess
+
     subprocess.run([sys.executable, "-m", "edgevlm.cli", "export", str(MODEL), "-o", str(out), "--method", "shq",
                     "--bits", str(bits), "--quiet"], check=True, stdout=subprocess.DEVNULL)
     return out
@@ -138,6 +146,8 @@ def save_streams(streams: dict[str, tuple[np.ndarray, np.ndarray]], npz: Path) -
 def run_fp32(npz: Path, prompts: list[str], threads: int) -> dict:
     """Zero-shot fp32 (transformers) over every stream of npz in a subprocess (torch stays out of
     the caller): {"preds": {npz key: [int]}, "ms": per image, "peak_rss_mb": that process's VmHWM}."""
+    import subprocess
+
     r = subprocess.run([sys.executable, "-c", _FP32, str(MODEL), str(npz), str(threads), json.dumps(prompts)],
                        check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -177,6 +187,8 @@ def run_edgevlm(enc, text: np.ndarray, streams, qtta_config, on_feature=None) ->
 
 
 def main(argv=None) -> int:
+    import argparse
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--severities", default="3,5", help="comma list of severities 1-5")
     p.add_argument("--corruptions", default=None, help="comma list (default: all of edgevlm.adapt.corruptions)")

@@ -9,7 +9,8 @@ set(EDGEVLM_SOURCES
   ${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/ref/linear_ref.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/csrc/ops/encode_ops.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/csrc/ops/decode_ops.cc
-  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/ops/decode_step.cc)
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/ops/decode_step.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/csrc/ops/qtta_ops.cc)
 set(EDGEVLM_DEFINES "")
 
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")

@@ -7,6 +7,7 @@ void init_kernels(py::module_& m);
 void init_info(py::module_& m);
 void init_ops(py::module_& m);
 void init_encode(py::module_& m);
+void init_qtta(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "edgevlm native kernels: packed low-bit dequant-matmul (see csrc/)";
@@ -14,4 +15,5 @@ PYBIND11_MODULE(_core, m) {
   init_info(m);
   init_ops(m);
   init_encode(m);
+  init_qtta(m);
 }

@@ -39,19 +39,23 @@ Only numpy is imported here (never torch): this runs on the device next to the r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import enum
 import json
 import math
 import os
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QTTAConfig", "QTTA", "StreamStates", "quantize_int8"]
+try:  # the C++ step (csrc/ops/qtta_ops.h); the numpy step below is its twin and the fallback
+    from edgevlm import _core
+except ImportError:  # pragma: no cover - extension not built
+    _core = None
+
+__all__ = ["QTTAConfig", "QTTA", "QTTABackend", "quantize_int8"]
 
 _NORM_TOL = 1e-2  # how far from unit norm a classifier row / feature may be
+_NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,25 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.float16]:
     return q, s16
 
 
+class QTTABackend(enum.Enum):
+    """Which implementation runs a step. Both compute the same thing (tests/test_adapt.py):
+
+    NUMPY: ``QTTA._step`` below, the definition (and the only one for float32 keys);
+    NATIVE: ``edgevlm._core.QttaState`` (csrc/ops/qtta_ops.cc), one C++ call per feature or
+    batch; int8 keys only; the same predictions and cache contents, logits within float64
+    rounding of the numpy step's;
+    AUTO: NATIVE when the extension has it and ``int8_keys``, else NUMPY.
+    """
+
+    AUTO = "auto"
+    NATIVE = "native"
+    NUMPY = "numpy"
+
+
+def _native_available() -> bool:
+    return _core is not None and hasattr(_core, "QttaState")
+
+
 def _mask_bytes(num_classes: int) -> int:
     return (num_classes + 7) // 8
 
@@ -160,9 +183,18 @@ class QTTA:
         config: QTTAConfig = QTTAConfig(),
         *,
         copy_classifier: bool = True,
+        backend: QTTABackend = QTTABackend.AUTO,
     ) -> None:
         if not isinstance(config, QTTAConfig):
             raise TypeError(f"config must be a QTTAConfig, got {type(config).__name__}")
+        if not isinstance(backend, QTTABackend):
+            raise ValueError(f"backend must be a QTTABackend, got {backend!r} (use QTTABackend.AUTO)")
+        if backend is QTTABackend.NATIVE and not config.int8_keys:
+            raise ValueError("backend=QTTABackend.NATIVE needs int8_keys=True (float32 keys run on NUMPY); "
+                             "use QTTABackend.AUTO")
+        if backend is QTTABackend.NATIVE and not _native_available():
+            raise ValueError("backend=QTTABackend.NATIVE needs edgevlm._core with QttaState (rebuild the "
+                             "extension: make setup); use QTTABackend.AUTO to fall back to numpy")
         w = np.asarray(text_classifier)
         if w.ndim != 2 or w.shape[0] < 2 or w.shape[1] < 1:
             raise ValueError(f"text_classifier must be [C >= 2, D >= 1], got shape {w.shape}")
@@ -206,7 +238,17 @@ class QTTA:
             self._neg_scale = None
         self._log2c = math.log2(C)
         self._slot = (np.arange(kp), np.arange(kn))
-        self._digest = hashlib.sha256(np.ascontiguousarray(self._W, np.float32).tobytes()).hexdigest()
+        self._sha256: str | None = None  # of the classifier, computed when state is first saved / loaded
+        # The C++ step works on these very arrays (scales as their binary16 bits), in place.
+        use_native = config.int8_keys and backend is not QTTABackend.NUMPY and _native_available()
+        self.backend = QTTABackend.NATIVE if use_native else QTTABackend.NUMPY
+        self._native = None
+        if use_native:
+            self._native = _core.QttaState(
+                self._W, self._pos_keys, self._pos_scale.view(np.uint16), self._pos_ent, self._pos_count,
+                self._neg_keys, self._neg_scale.view(np.uint16), self._neg_ent, self._neg_masks, self._neg_count,
+                config.logit_scale, config.alpha_p, config.beta_p, config.alpha_n, config.beta_n,
+                *config.neg_entropy, *config.neg_mask)
 
     # ------------------------------------------------------------------ memory accounting
     @staticmethod
@@ -267,6 +309,16 @@ class QTTA:
     @property
     def classifier(self) -> np.ndarray:
         return self._W
+
+    @property
+    def _digest(self) -> str:
+        """SHA-256 of the float32 classifier. Lazy: hashlib loads OpenSSL (~4 MB resident), which a
+        stream that never saves or loads its state does not need."""
+        if self._sha256 is None:
+            import hashlib
+
+            self._sha256 = hashlib.sha256(np.ascontiguousarray(self._W, np.float32).tobytes()).hexdigest()
+        return self._sha256
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         d = {
@@ -361,6 +413,8 @@ class QTTA:
 
     def zero_shot(self, feature: np.ndarray) -> np.ndarray:
         """Zero-shot logits logit_scale · W f, float32 [C] or [B, C]; no cache, no update."""
+        if self._native is not None and (f := self._native_input(feature)) is not None:
+            return self._native.step(f, 0, _NORM_TOL)
         f, single = self._check_features(feature)
         z = self.config.logit_scale * np.einsum("cd,bd->bc", self._W, f, dtype=np.float64)
         z = z.astype(np.float32)
@@ -373,11 +427,24 @@ class QTTA:
         the caches, then gets its logits from them (TDA's order). ``adapt=False`` reads the caches
         without changing them.
         """
+        if self._native is not None and (f := self._native_input(feature)) is not None:
+            return self._native.step(f, 2 if adapt else 1, _NORM_TOL)
         f, single = self._check_features(feature)
         out = np.empty((f.shape[0], self.num_classes), np.float32)
         for i in range(f.shape[0]):
             out[i] = self._step(f[i], adapt)
         return out[0] if single else out
+
+    @staticmethod
+    def _native_input(feature) -> np.ndarray | None:
+        """feature as the C++ step takes it (a C-contiguous float32/float64 ndarray, checked there:
+        shape, finiteness, unit norm), or None to go through the numpy checks and step."""
+        if type(feature) is np.ndarray and feature.dtype in _NATIVE_DTYPES and feature.flags.c_contiguous:
+            return feature
+        f = np.asarray(feature)
+        if f.dtype.kind == "f" and f.ndim in (1, 2):
+            return np.ascontiguousarray(f, np.float64 if f.dtype.itemsize > 4 else np.float32)
+        return None
 
     def _step(self, f: np.ndarray, adapt: bool) -> np.ndarray:
         cfg = self.config
@@ -471,94 +538,3 @@ class QTTA:
         return (f"QTTA(C={self.num_classes}, D={self.dim}, int8_keys={self.config.int8_keys}, "
                 f"pos={p}/{self.num_classes * self.config.pos_capacity}, "
                 f"neg={n}/{self.num_classes * self.config.neg_capacity}, nbytes={self.nbytes})")
-
-
-class StreamStates:
-    """Per-stream Q-TTA states (stream id → :class:`QTTA`) sharing one float32 classifier.
-
-    At most ``max_streams`` states are held. Using a stream (``get``/``__call__``) marks it most
-    recently used; creating a new stream when ``max_streams`` are held evicts the least recently
-    used one: its caches are dropped (``on_evict(stream_id, qtta)`` is called first, e.g. to
-    ``qtta.save(...)`` it) and, if that id comes back later, it starts again from zero-shot.
-    So total state is bounded by :meth:`bytes_for` (classifier once + max_streams × per-stream
-    caches), however many streams come and go. ``config.memory_budget_bytes`` applies to each
-    stream's caches (the shared classifier excluded).
-    """
-
-    def __init__(
-        self,
-        text_classifier: np.ndarray,
-        config: QTTAConfig = QTTAConfig(),
-        *,
-        max_streams: int = 16,
-        on_evict: Callable[[Hashable, QTTA], None] | None = None,
-    ) -> None:
-        if isinstance(max_streams, bool) or not isinstance(max_streams, (int, np.integer)) or max_streams < 1:
-            raise ValueError(f"max_streams must be an integer >= 1, got {max_streams!r}")
-        # Validates the classifier once and holds the shared float32 copy; with empty caches it
-        # also serves zero-shot requests.
-        self._zs = QTTA(text_classifier, self._zero_cfg(config))
-        self._W = self._zs.classifier
-        if config.memory_budget_bytes is not None:  # fail now rather than at the first stream
-            QTTA(self._W, config, copy_classifier=False)
-        self.config = config
-        self.max_streams = int(max_streams)
-        self.on_evict = on_evict
-        self._streams: OrderedDict[Hashable, QTTA] = OrderedDict()
-
-    @staticmethod
-    def _zero_cfg(config: QTTAConfig) -> QTTAConfig:
-        return dataclasses.replace(config, pos_capacity=0, neg_capacity=0, memory_budget_bytes=None)
-
-    @staticmethod
-    def bytes_for(num_classes: int, dim: int, config: QTTAConfig = QTTAConfig(), max_streams: int = 16) -> int:
-        """Upper bound on :attr:`nbytes`: the shared classifier once plus ``max_streams`` caches."""
-        shared = QTTA.bytes_for(num_classes, dim, StreamStates._zero_cfg(config), include_classifier=True)
-        return shared + max_streams * QTTA.bytes_for(num_classes, dim, config, include_classifier=False)
-
-    @property
-    def nbytes(self) -> int:
-        return self._zs.nbytes + sum(q.nbytes for q in self._streams.values())
-
-    def get(self, stream_id: Hashable) -> QTTA:
-        """The state of ``stream_id``, created (and the LRU stream evicted if full) when new."""
-        q = self._streams.get(stream_id)
-        if q is not None:
-            self._streams.move_to_end(stream_id)
-            return q
-        q = QTTA(self._W, self.config, copy_classifier=False)
-        while len(self._streams) >= self.max_streams:
-            old_id, old = self._streams.popitem(last=False)
-            if self.on_evict is not None:
-                self.on_evict(old_id, old)
-        self._streams[stream_id] = q
-        return q
-
-    def __call__(self, stream_id: Hashable, feature: np.ndarray, *, adapt: bool = True) -> np.ndarray:
-        return self.get(stream_id)(feature, adapt=adapt)
-
-    def zero_shot(self, feature: np.ndarray) -> np.ndarray:
-        return self._zs.zero_shot(feature)
-
-    def reset(self, stream_id: Hashable | None = None) -> None:
-        """Reset one stream (kept, caches emptied) or, with no id, drop every stream."""
-        if stream_id is None:
-            self._streams.clear()
-        elif stream_id in self._streams:
-            self._streams[stream_id].reset()
-
-    def drop(self, stream_id: Hashable) -> None:
-        self._streams.pop(stream_id, None)
-
-    def __contains__(self, stream_id: object) -> bool:
-        return stream_id in self._streams
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def __iter__(self) -> Iterator[Hashable]:
-        return iter(list(self._streams))
-
-    def stream_ids(self) -> list[Hashable]:
-        """Stream ids from least to most recently used."""
-        return list(self._streams)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -95,13 +96,18 @@ def load_image(path: str | os.PathLike) -> Any:
         return ImageOps.exif_transpose(im)
 
 
+def _pil_image_module() -> Any:
+    """PIL.Image if it is already imported, else None. An object can only be a PIL image if PIL is
+    loaded, so uint8 arrays never import Pillow (~2.4 MB resident) just to be told they are not one."""
+    return sys.modules.get("PIL.Image")
+
+
 def to_rgb_array(image: ImageInput) -> np.ndarray:
     """Any supported input -> uint8 [H, W, 3] (step 1 of the module docstring)."""
-    from PIL import Image
-
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
-    if isinstance(image, Image.Image):
+    Image = _pil_image_module()
+    if Image is not None and isinstance(image, Image.Image):
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:  # exactly transformers.image_transforms.convert_to_rgb
             image = image.convert("RGBA")
@@ -224,22 +230,26 @@ class ImagePreprocessor:
 
     def preprocess_one(self, image: ImageInput) -> np.ndarray:
         """One image -> float32 [3, H, W]."""
-        from PIL import Image
-
         if self.do_convert_rgb:
             img = to_rgb_array(image)
         else:
             if isinstance(image, (str, os.PathLike)):
                 image = load_image(image)
-            img = np.array(image) if isinstance(image, Image.Image) else np.asarray(image)
+            Image = _pil_image_module()
+            img = np.array(image) if Image is not None and isinstance(image, Image.Image) else np.asarray(image)
             if img.ndim == 2:
                 img = img[:, :, None]
         if self.do_resize:
             h, w = self.resize_shape(img.shape[0], img.shape[1])
-            pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
-            img = np.array(pil.resize((w, h), resample=self.resample))
-            if img.ndim == 2:
-                img = img[:, :, None]
+            # Pillow's resize to the image's own size returns a copy (Image.resize: "if self.size ==
+            # size and box == (0, 0) + self.size: return self.copy()"), so skipping it is exact.
+            if (h, w) != img.shape[:2]:
+                from PIL import Image
+
+                pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+                img = np.array(pil.resize((w, h), resample=self.resample))
+                if img.ndim == 2:
+                    img = img[:, :, None]
         if self.do_center_crop:
             img = self.center_crop(img, self.crop_size["height"], self.crop_size["width"])
         x = img
