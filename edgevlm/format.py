@@ -44,14 +44,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import io
 import json
 import math
 import mmap
 import operator
 import os
-import secrets
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -298,6 +296,8 @@ def write(path: str | os.PathLike[str], metadata: dict[str, Any], tensors: Seque
 
     # Same directory as the target so os.replace is a rename, never a copy.
     # os.open (not mkstemp) so the final file gets the usual umask permissions.
+    import secrets  # here, not at the top: it pulls in hashlib/OpenSSL (~3.6 MB RSS) for every reader
+
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -359,6 +359,8 @@ class EvlmFile:
     def __getitem__(self, name: str) -> np.ndarray:
         rec = self.records.get(name)
         if rec is None:
+            import difflib  # error path only
+
             close = difflib.get_close_matches(name, self.records, n=3)
             some = list(self.records)[:5]
             raise KeyError(f"no tensor {name!r} in {self.path} ({len(self.records)} tensors)"
