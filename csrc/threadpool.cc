@@ -1,5 +1,5 @@
-// threadpool.cc — see threadpool.h. A generation counter announces a job; each worker
-// runs its slice and decrements `pending`; the caller waits for pending == 0.
+// threadpool.cc — see threadpool.h. A generation counter announces a job; the caller and the
+// workers claim its tasks from one atomic counter; the caller waits until all are done.
 #include "threadpool.h"
 
 #include <algorithm>
@@ -42,24 +42,60 @@ class Pool {
     for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t, gen] { worker(t, gen); });
   }
 
+  // Tasks are claimed from one atomic word, (generation << 32) | next task, so any thread
+  // runs any task: the caller keeps claiming until none is left and then waits only for the
+  // tasks others have started. Why: on a shared or oversubscribed CPU (a robot's other
+  // processes, a busy CI box) a worker can be descheduled for a whole time slice; with fixed
+  // task-to-thread slices the caller spun for it (SmolVLM-256M decode: 255 tok/s idle, 6 tok/s
+  // next to four busy processes on 2 cores). Now a late worker finds nothing to claim.
   void run(int n, const std::function<void(int)>& fn) {
     std::lock_guard<std::mutex> run_lock(run_mu_);
-    n = std::max(1, std::min(n, n_threads_));
-    if (n == 1) { fn(0); return; }
+    if (n <= 0) return;
+    if (n == 1 || n_threads_ == 1) {
+      for (int t = 0; t < n; ++t) fn(t);
+      return;
+    }
+    uint64_t gen;
     {
       std::lock_guard<std::mutex> lk(mu_);
       job_ = &fn;
-      active_ = n;
-      pending_.store(n - 1, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
+      ntasks_ = n;
+      done_.store(0, std::memory_order_relaxed);
+      gen = (generation_.load(std::memory_order_relaxed) + 1) & 0xffffffffu;
+      claim_.store(gen << 32, std::memory_order_relaxed);
+      generation_.store(gen, std::memory_order_release);
     }
-    cv_.notify_all();
-    fn(0);
-    while (pending_.load(std::memory_order_acquire) != 0) EV_PAUSE();
+    if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    work(gen, fn, n);
+    // Wait for tasks started by workers: spin briefly, then yield the core to them.
+    for (int spins = 0; done_.load(std::memory_order_acquire) != n; ++spins) {
+      if (spins < 2000) EV_PAUSE();
+      else std::this_thread::yield();
+    }
   }
 
  private:
+  // Claims and runs tasks of generation gen until none is left. A claim succeeds only while
+  // the word still carries gen, so a worker waking late never runs a task of another job, and
+  // fn is only called for a claimed task (its job cannot have returned yet: run() waits for
+  // every claimed task).
+  void work(uint64_t gen, const std::function<void(int)>& fn, int n) {
+    for (;;) {
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      int t;
+      for (;;) {
+        if ((c >> 32) != gen) return;
+        t = (int)(c & 0xffffffffu);
+        if (t >= n) return;
+        if (claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) break;
+      }
+      fn(t);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
   void worker(int id, uint64_t seen) {
+    (void)id;
     for (;;) {
       // Spin ~100 us for the next job before sleeping: decode issues one call per layer
       // back to back, and a futex wake costs more than a small GEMV.
@@ -68,24 +104,22 @@ class Pool {
         EV_PAUSE();
         if (std::chrono::steady_clock::now() > spin_until) {
           std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1, std::memory_order_acq_rel);
           cv_.wait(lk, [&] { return generation_.load() != seen || stop_.load(); });
+          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
         }
       }
       if (stop_.load()) return;
       const std::function<void(int)>* job;
-      int active;
+      int n;
       {
-        // generation, job and active are published together under mu_: reading them
-        // together means a worker that was idle for a job never runs a later one twice.
+        // generation, job and task count are published together under mu_.
         std::lock_guard<std::mutex> lk(mu_);
         seen = generation_.load(std::memory_order_acquire);
         job = job_;
-        active = active_;
+        n = ntasks_;
       }
-      if (id < active) {
-        (*job)(id);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      work(seen, *job, n);
     }
   }
 
@@ -104,10 +138,12 @@ class Pool {
   std::condition_variable cv_;
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> claim_{0};  // (generation << 32) | next unclaimed task
+  std::atomic<int> done_{0};        // tasks of the current job finished
+  std::atomic<int> sleepers_{0};    // workers blocked on cv_ (notify only when > 0)
   std::atomic<bool> stop_{false};
   const std::function<void(int)>* job_ = nullptr;
-  int active_ = 0;
+  int ntasks_ = 0;
   int n_threads_ = 1;
 };
 

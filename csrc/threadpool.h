@@ -13,9 +13,11 @@ namespace ev {
 void set_num_threads(int n);
 int get_num_threads();
 
-// Runs fn(t) for t in [0, n) — t == 0 on the calling thread — and returns when all are
-// done. n is clamped to get_num_threads(). Calls from several threads are serialised.
-// fn must not throw.
+// Runs fn(t) for every t in [0, n) and returns when all are done. The tasks are shared out
+// dynamically: the calling thread and the pool's workers each claim the next unclaimed t, so
+// any thread may run any task (and one thread several), and a descheduled worker delays
+// nothing it has not started. Tasks must therefore not wait for each other. Calls from
+// several threads are serialised. fn must not throw.
 void parallel_for(int n, const std::function<void(int)>& fn);
 
 }  // namespace ev
