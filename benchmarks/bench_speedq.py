@@ -9,15 +9,23 @@ and compared with the fp32 model on held-out sentences (sentences.txt lines the 
 calibration sample did not draw) and held-out image prompts (augmented views): mean per-token
 KL(p_fp || p_q) and teacher-forced greedy-token agreement (argmax equal).
 
-    .venv/bin/python benchmarks/bench_speedq.py                   # hidden 64, 2 layers (~10 min on 2 idle cores)
-    .venv/bin/python benchmarks/bench_speedq.py --hidden 256 --layers 4 --device cuda   # ~2 min with a GPU
+Rows: rtn / gptq at g32 (3 LM bits per weight) and g64 (2.5), and speedq (q2b, 2.625) with 0
+QAT steps (its GPTQ start), with the paper's init, and with the defaults; every method at each
+export seed (--seeds: calibration sample and training).
+
+    .venv/bin/python benchmarks/bench_speedq.py --hidden 128 --layers 4 --speedq-steps 400 --speedq-lr 1e-3
+        # ~6 min of one core (15 min wall on a shared 2-core box)
+    .venv/bin/python benchmarks/bench_speedq.py --hidden 256 --layers 4 --device cuda   # the training on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import io
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -62,12 +70,14 @@ def pretrain_llava(src, steps: int, lr: float = 3e-3, seed: int = 0, n: int = 64
     model.save_pretrained(src)
 
 
-def heldout(n_calib: int, n_texts: int = 48, n_images: int = 8, seed: int = 123):
-    """Held-out batches: sentences the exports' calibration sample (n_calib, seed 0) does not
-    contain, and augmented views (other crops / flips, another seed) of the 18 built-in photos."""
+def heldout(n_calib: int, seeds, n_texts: int = 64, n_images: int = 16, seed: int = 123):
+    """Held-out batches: sentences that no export's calibration sample (n_calib, one per seed)
+    contains, and augmented views (other crops / flips, another seed) of the 18 built-in photos."""
     from edgevlm.export.calib_data import CalibSet, builtin_dir, load_calib
 
-    used = set(load_calib(None, n_images=n_calib, n_texts=n_calib, seed=0).texts)
+    used = set()
+    for s in seeds:
+        used |= set(load_calib(None, n_images=n_calib, n_texts=n_calib, seed=s).texts)
     lines = [ln.strip() for ln in (builtin_dir() / "sentences.txt").read_text().splitlines() if ln.strip()]
     texts = tuple([t for t in lines if t not in used][-n_texts:])
     views = load_calib(None, n_images=n_images + 18, n_texts=1, seed=seed)
@@ -77,88 +87,125 @@ def heldout(n_calib: int, n_texts: int = 48, n_images: int = 8, seed: int = 123)
 def fidelity(path, src, calib) -> tuple[float, float]:
     """(mean KL(p_fp || p_q) per label token, greedy agreement) of the file's model vs fp32."""
     import torch
-    import torch.nn.functional as F
     import transformers
 
     from edgevlm.export.evaluate import load_into_model
     from edgevlm.export.source import open_source
+    from edgevlm.export.speedq import fidelity as kl_agreement
     from edgevlm.export.speedq_llava import adapter_for
 
     source = open_source(src)
     fp = adapter_for(transformers.LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval(),
                      source)
     qm = adapter_for(load_into_model(path, src).eval(), source)
-    kl = agree = count = 0.0
     with torch.no_grad():
         pv = fp.pixels(calib)
-        f_fp, f_q = fp.features(pv), qm.features(pv)
-        for b in fp.batches(calib, 8):
-            sel = (lambda f: f[b.images] if b.images else None)
-            lt = F.log_softmax(fp.logits(b, sel(f_fp))[:, :-1], -1)
-            lq = F.log_softmax(qm.logits(b, sel(f_q))[:, :-1], -1)
-            m = b.labels[:, 1:] != -100
-            kl += float((lt.exp() * (lt - lq)).sum(-1)[m].sum())
-            agree += float((lt.argmax(-1) == lq.argmax(-1))[m].sum())
-            count += float(m.sum())
-    return kl / count, agree / count
+        return kl_agreement(qm, fp, fp.batches(calib, 8), qm.features(pv), fp.features(pv))
+
+
+#: (row name, LM linear bits per weight, ExportConfig overrides); speedq_* budgets filled in by main()
+RUNS = [
+    ("rtn g32", 3.0, dict(method="rtn", group=32)),
+    ("gptq g32", 3.0, dict(method="gptq", group=32)),
+    ("gptq g64", 2.5, dict(method="gptq", group=64)),
+    ("speedq, 0 QAT steps (= GPTQ on the q2b grid)", 2.625, dict(method="speedq", speedq_steps=0)),
+    ("speedq, paper init (clip + min-max), no hold-out/samples", 2.625,
+     dict(method="speedq", speedq_init="rtn", speedq_val=0.0, speedq_gen=0)),
+    ("speedq (GPTQ init, hold-out early stop, teacher samples)", 2.625, dict(method="speedq")),
+]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--speedq-steps", type=int, default=800)
+    ap.add_argument("--speedq-steps", type=int, default=300)
     ap.add_argument("--speedq-lr", type=float, default=1e-4)
     ap.add_argument("--n-calib", type=int, default=128)
+    ap.add_argument("--seeds", default="0,1", help="export seeds (calibration sample + training), comma-separated")
+    ap.add_argument("--only", default="", help="comma-separated row numbers (0-based) of RUNS to run")
+    ap.add_argument("--model-dir", default=None,
+                    help="keep the pretrained model here and reuse it when present (same --hidden/--layers)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [r for i, r in enumerate(RUNS) if not args.only or str(i) in args.only.split(",")]
 
+    import torch
+
+    torch.set_num_threads(1)   # tiny matrices: a second thread only spins on a shared 2-core box
     import hf_tiny
     from bench_quality import write_section
 
     from edgevlm.export import ExportConfig
     from edgevlm.export.pipeline import run_export
 
+    t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = hf_tiny.make_llava(tmp / "hf", vision="clip", text="qwen2", hidden=args.hidden,
-                                 intermediate=2 * args.hidden, text_layers=args.layers,
-                                 heads=max(4, args.hidden // 32), kv_heads=max(2, args.hidden // 64))
-        t0 = time.perf_counter()
-        pretrain_llava(src, args.pretrain_steps)
-        print(f"pretrained the LM for {args.pretrain_steps} steps in {time.perf_counter() - t0:.1f} s", flush=True)
-        calib = heldout(args.n_calib)
-        base = dict(bits=2, n_calib=args.n_calib, progress=False)
-        runs = [("rtn g32", dict(method="rtn", group=32)), ("rtn g32 + clip search", dict(method="rtn", group=32,
-                                                                                       clip_search=True)),
-                ("gptq g32", dict(method="gptq", group=32)),
-                ("speedq (q2b LM)", dict(method="speedq", speedq_steps=args.speedq_steps, speedq_lr=args.speedq_lr,
-                                         speedq_device=args.device))]
-        rows = []
-        for name, kw in runs:
+        src = Path(args.model_dir) if args.model_dir else tmp / "hf"
+        if not (src / "config.json").exists():
+            src = hf_tiny.make_llava(src, vision="clip", text="qwen2", hidden=args.hidden,
+                                     intermediate=2 * args.hidden, text_layers=args.layers,
+                                     heads=max(4, args.hidden // 32), kv_heads=max(2, args.hidden // 64))
             t0 = time.perf_counter()
-            with contextlib.redirect_stderr(io.StringIO()):
-                rep = run_export(src, tmp / f"{len(rows)}.evlm", ExportConfig(**{**base, **kw}))
-            secs = time.perf_counter() - t0
-            kl, agree = fidelity(rep.path, src, calib)
-            rows.append((name, kl, agree, rep.bits_per_param, secs))
-            print(f"{name:<24} KL {kl:.4f}  greedy agreement {agree:.3f}  {rep.bits_per_param:.2f} bits/param  "
-                  f"export {secs:.1f} s", flush=True)
+            pretrain_llava(src, args.pretrain_steps)
+            print(f"pretrained the LM for {args.pretrain_steps} steps in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+        calib = heldout(args.n_calib, seeds)
+        base = dict(bits=2, n_calib=args.n_calib, progress=True)   # progress: speedq's log lines
+        sq = dict(speedq_steps=args.speedq_steps, speedq_lr=args.speedq_lr, speedq_device=args.device)
+        rows = []
+        for name, lm_bits, kw in runs:
+            per = []
+            for seed in seeds:
+                cfg = {**base, **({**sq, **kw} if kw["method"] == "speedq" else kw), "seed": seed}
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    rep = run_export(src, tmp / f"{len(rows)}_{seed}.evlm", ExportConfig(**cfg))
+                secs = time.perf_counter() - t0
+                for ln in err.getvalue().splitlines():   # speedq's summary lines (kept step, init errors)
+                    if ln.startswith("speedq stage") and "%|" not in ln:
+                        print("   ", ln, flush=True)
+                kl, agree = fidelity(rep.path, src, calib)
+                per.append((kl, agree, secs))
+                print(f"{name:<58} seed {seed}: KL {kl:.4f}  greedy agreement {agree:.3f}  "
+                      f"{rep.bits_per_param:.2f} bits/param  export {secs:.1f} s", flush=True)
+            rows.append((name, lm_bits, rep.bits_per_param, per))
+    ref = next((r[3] for r in rows if r[0] == "gptq g32"), None)
     cmd = " ".join(["benchmarks/bench_speedq.py", *sys.argv[1:]])
     lines = [SECTION, "",
-             f"`.venv/bin/python {cmd}`: tiny LLaVA (CLIP 2x64 vision, Qwen2 text hidden {args.hidden}, "
-             f"{args.layers} layers, vocab 320) whose LM + projector were trained {args.pretrain_steps} steps on the "
-             "built-in captions/sentences; 2-bit exports compared with the fp32 model (file weights in transformers) "
-             f"on {len(calib.texts)} held-out sentences + {len(calib.images)} held-out image views.",
+             f"`.venv/bin/python {cmd}` ({time.perf_counter() - t_all:.0f} s): tiny LLaVA (CLIP 2x64 vision, Qwen2 "
+             f"text hidden {args.hidden}, {args.layers} layers, vocab 320) whose LM + projector were trained "
+             f"{args.pretrain_steps} steps on the built-in captions/sentences; 2-bit exports (n_calib "
+             f"{args.n_calib}, export seeds {args.seeds}: calibration sample and training) compared with the fp32 "
+             f"model (file weights in transformers) on {len(calib.texts)} held-out sentences (in no seed's "
+             f"calibration sample) + {len(calib.images)} held-out image views; speedq: {args.speedq_steps} QAT steps "
+             f"at lr {args.speedq_lr:g}.",
              "",
-             "| method (2-bit LM, 2-bit vision) | KL(fp ‖ q) per token | greedy agreement | bits/param | export s |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {n} | {kl:.4f} | {a:.3f} | {b:.2f} | {s:.1f} |" for n, kl, a, b, s in rows]
-    lines += ["", "bits/param is over the whole file: speedq keeps the projector fp16 and the embeddings/head at "
-              "4 bits (SPEED-Q's layout); rtn/gptq put the projector and head at 4 bits and the embeddings at 8."]
+             f"Machine: {platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), torch "
+             f"{torch.__version__} on {args.device} ({torch.get_num_threads()} thread(s)), transformers "
+             f"{importlib.metadata.version('transformers')}.",
+             "",
+             "| method (2-bit) | LM bits/weight | file bits/param | " +
+             " | ".join(f"KL seed {s}" for s in seeds) + " | " +
+             " | ".join(f"agreement seed {s}" for s in seeds) + " | KL / gptq g32 | export s |",
+             "| --- | ---: | ---: | " + " | ".join(["---:"] * (2 * len(seeds))) + " | ---: | ---: |"]
+    for name, lm_bits, bpp, per in rows:
+        ratio = (" / ".join(f"{p[0] / r[0]:.2f}" for p, r in zip(per, ref)) if ref else "-")
+        lines.append(f"| {name} | {lm_bits:g} | {bpp:.2f} | " + " | ".join(f"{p[0]:.5f}" for p in per) + " | " +
+                     " | ".join(f"{p[1]:.3f}" for p in per) + f" | {ratio} | "
+                     + " / ".join(f"{p[2]:.0f}" for p in per) + " |")
+    lines += ["", "LM bits/weight: the language model's linears (q2 g32: 2 + 32/32; q2 g64: 2 + 32/64; q2b: "
+              "2 + (2-bit zero + 4-bit scale code)/16 + 64-bit level-2 params per 16x16 block). file bits/param is "
+              "over the whole file: speedq keeps the projector fp16 and the embeddings/head at 4 bits (SPEED-Q's "
+              "layout); rtn/gptq put the projector and head at 4 bits and the embeddings at 8. Vision tower: q2 "
+              "g32 in every row (speedq: AdaRound codes; gptq rows: GPTQ; rtn: RTN)."]
     print("\n".join(lines))
     if not args.no_write:
         write_section(args.results, lines, SECTION)

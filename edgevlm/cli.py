@@ -84,6 +84,7 @@ def cmd_kernels() -> int:
 
 def _export_parser(sub) -> None:
     from .export.config import BITS, ExportConfig, Format, Method
+    from .export.config import SpeedQInit
 
     d = ExportConfig()
     s = sub.add_parser("export", help="quantize a Hugging Face model folder into an .evlm file",
@@ -162,6 +163,16 @@ def _export_parser(sub) -> None:
                    help="speedq: stage-1 AdaRound iterations per vision block (BRECQ uses 20000)")
     s.add_argument("--speedq-lr", type=float, default=d.speedq_lr, help="speedq: AdamW learning rate of stages 2-3")
     s.add_argument("--speedq-device", default=d.speedq_device, help="speedq: torch device of the training (cpu, cuda)")
+    s.add_argument("--speedq-init", choices=[i.value for i in SpeedQInit], default=d.speedq_init.value,
+                   help="speedq: stage-3 start: gptq (GPTQ on the q2b/q4 grid, then QAT on that frozen grid) or rtn "
+                        "(the paper's clip init, min-max params recomputed every step)")
+    s.add_argument("--speedq-val", type=float, default=d.speedq_val,
+                   help="speedq: fraction of the calibration samples held out; stages 2-3 keep the weights with the "
+                        "lowest held-out KL to the fp model (0: no hold-out)")
+    s.add_argument("--speedq-eval-every", type=int, default=d.speedq_eval_every,
+                   help="speedq: stage-3 steps between held-out evaluations")
+    s.add_argument("--speedq-gen", type=int, default=d.speedq_gen,
+                   help="speedq: teacher-sampled continuations per calibration sample added to the stage-3 data")
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration samples per forward pass")
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -196,6 +207,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     sq = dict(speedq_steps=args.speedq_steps, speedq_stage2_steps=args.speedq_stage2_steps,
               speedq_adaround_iters=args.speedq_adaround_iters, speedq_lr=args.speedq_lr,
               speedq_device=args.speedq_device)
+    sq.update(speedq_init=args.speedq_init, speedq_val=args.speedq_val, speedq_eval_every=args.speedq_eval_every,
+              speedq_gen=args.speedq_gen)
     if any(v != getattr(cfg, k) for k, v in sq.items()):   # SPEED-Q budgets (validated in ExportConfig)
         import dataclasses
 

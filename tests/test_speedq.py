@@ -4,7 +4,12 @@
   dequantization bit for bit (2-bit), and the q4 file's (4-bit recipe, fp16 scale/min storage).
 - The embedding/head quantizer (4-bit symmetric) is stored exactly as q4; rounding error <= s/2.
 - AdaRound lowers a vision block's output error below its round-to-nearest init.
-- QAT lowers the distillation loss of the 2-bit model against the fp teacher.
+- GPTQ on the recipe grid (the stage-3 init): with H = I it is the recipe's min-max rounding
+  bit for bit; with correlated inputs it lowers the output error below it; its grid stores
+  exactly as q2b / q4; the frozen-grid STE's forward is that grid's rounding.
+- QAT lowers the distillation loss of the 2-bit model against the fp teacher; with a
+  held-out split the kept weights score no worse on it than the GPTQ start.
+- The self-distillation samples continue the calibration prompts' text, never with image tokens.
 - export -> file: q2b LM linears equal the QAT forward's weights bit for bit; the runtime
   (reference kernels) matches transformers running the file's weights within 1e-4 (the
   tolerance test_generate.py establishes for quantized exports: float32 rounding only).
@@ -78,6 +83,46 @@ def test_4bit_recipe_is_an_exact_q4_tensor(n, k):
     diff = (res.deq - exact).abs()
     assert float((diff <= 16 * 2.0 ** -11 * step + 1e-12).float().mean()) > 0.999
     assert bool((diff <= step * (1 + 2.0 ** -8)).all())
+
+
+def _correlated_h(k: int, seed: int) -> torch.Tensor:
+    """H = 2 XᵀX / T of inputs with strongly correlated channels (mixing matrix), float32 [K, K]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * k, k, generator=g) @ (torch.eye(k) + 0.5 * torch.randn(k, k, generator=g) / k ** 0.5)
+    return 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n,k", [(48, 64), (40, 96)])
+def test_gptq_on_the_recipe_grid(bits, n, k):
+    from edgevlm.export.quantize import output_error
+    from edgevlm.export.speedq_gptq import GridSTE, gptq_grid
+
+    w = _weights(n, k, n * k + bits)
+    # H = I: no error feedback, grid from the original weights -> the recipe's rounding bit for bit
+    wi = w.clone()
+    gptq_grid(wi, torch.eye(k), bits, clip=False)
+    assert torch.equal(wi, bilevel_qdq(w, bits))
+    # correlated inputs: GPTQ's error feedback lowers the output error below that rounding
+    H = _correlated_h(k, k)
+    wq = w.clone()
+    grid = gptq_grid(wq, H, bits, clip=True)
+    e_gptq = output_error(w, wq, H)[0]
+    e_rtn = output_error(w, bilevel_qdq(w, bits), H)[0]
+    assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+    # wq holds grid values: its codes dequantize back to it, and the file tensor is that value
+    assert torch.equal(grid.deq(grid.codes(wq)), wq)
+    res = grid.result(wq)
+    assert (res.qtype, res.group) == (("q2b", 16) if bits == 2 else ("q4", 32))
+    deq = qtypes.get(res.qtype).dequantize(res.pack(), n, k, *(() if bits == 2 else (32,)))
+    np.testing.assert_array_equal(deq, wq.numpy())
+    # the frozen-grid STE: forward = the grid's rounding of the latent weight, gradient inside its range
+    lat = (wq + 0.3 * grid.scale.repeat_interleave(grid.group, 1) * torch.randn(n, k)).requires_grad_(True)
+    y = GridSTE(grid)(lat)
+    assert torch.equal(y.detach(), grid.result(lat.detach()).deq)
+    y.sum().backward()
+    lo, hi = (t.repeat_interleave(grid.group, 1) for t in grid.range())
+    assert torch.equal(lat.grad, ((lat >= lo) & (lat <= hi)).float().detach())
 
 
 def test_embedding_head_quantizer_is_symmetric_4bit_and_exact_in_q4():
@@ -169,8 +214,9 @@ def test_export_writes_q2b_equal_to_the_qat_model_and_qat_lowers_the_loss(llava)
     from edgevlm.runtime.vlm import Runtime
 
     src, d = llava
-    rep0 = _export(src, d / "s0.evlm", bits=2, speedq_steps=0)
-    rep = _export(src, d / "s2.evlm", bits=2, speedq_steps=60, speedq_lr=1e-3)
+    paper = dict(speedq_init="rtn", speedq_val=0.0, speedq_gen=0)   # SPEED-Q's own recipe
+    rep0 = _export(src, d / "s0.evlm", bits=2, speedq_steps=0, **paper)
+    rep = _export(src, d / "s2.evlm", bits=2, speedq_steps=60, speedq_lr=1e-3, **paper)
     path = rep.path
     with fmt.open(path) as f:
         recs = f.records
@@ -199,6 +245,87 @@ def test_export_writes_q2b_equal_to_the_qat_model_and_qat_lowers_the_loss(llava)
     assert np.abs(rt.logits(p) - ref).max() < 1e-4
 
 
+def test_qat_from_the_gptq_start_keeps_its_grid_and_lowers_the_loss(llava):
+    """Default init: GPTQ on the q2b grid (0 steps), then QAT on that frozen grid with teacher
+    samples: the file keeps the start's grid (zeros, scale codes, level-2 params) and changes
+    only codes, equals the QAT forward bit for bit, and lowers the stage-3 objective."""
+    src, d = llava
+    g0 = _export(src, d / "g0.evlm", bits=2, speedq_steps=0, speedq_lr=1e-3, speedq_val=0.0)   # same stage 2
+    g1 = _export(src, d / "g1.evlm", bits=2, speedq_steps=40, speedq_lr=1e-3, speedq_val=0.0, speedq_gen=1)
+    q2b = qtypes.q2b
+    moved = 0
+    with fmt.open(g0.path) as f0, fmt.open(g1.path) as f1:
+        lm = [r for n, r in f1.records.items() if n.startswith("text.blocks.") and r.quantized]
+        assert lm and all(r.qtype == "q2b" for r in lm)
+        assert f1.metadata["quantization"]["speedq"]["init"] == "gptq"
+        for r in lm:
+            n, k = r.shape
+            p0, p1 = (q2b.unpack(np.asarray(f[r.name]).reshape(-1), n, k) for f in (f0, f1))
+            for a, b in zip(p0[1:], p1[1:]):          # zeros, scale codes, d, m: the frozen grid
+                np.testing.assert_array_equal(a, b)
+            moved += int((p0.codes != p1.codes).sum())
+            np.testing.assert_array_equal(q2b.dequantize(np.asarray(f1[r.name]).reshape(-1), n, k),
+                                          g1.fake_quant[r.name])
+    assert moved > 0
+    assert _stage3_loss(g1.path, src) < _stage3_loss(g0.path, src)
+
+
+def test_early_stopping_keeps_the_best_held_out_weights():
+    """_loop restores the params with the lowest held-out score (step 0 included)."""
+    from edgevlm.export.speedq import SpeedQConfig, _loop
+
+    cfg = SpeedQConfig(lr=0.05, warmup=0.0, grad_clip=0.0, eval_every=5, progress=False)
+    p = torch.nn.Parameter(torch.zeros(3))
+    target = torch.tensor([1.0, -1.0, 2.0])
+    train = lambda b: ((p - target) ** 2).sum()   # noqa: E731 - pulls p to target
+    # held-out optimum at 0 (the start): training only makes it worse -> step 0 kept exactly
+    _loop(40, [torch.zeros(1)], train, [p], cfg, "t", lambda s: None, val_fn=lambda: float((p.detach() ** 2).sum()))
+    assert torch.equal(p.detach(), torch.zeros(3))
+    # held-out optimum half-way: the kept value is an evaluated point nearer to it than start or end
+    half = target / 2
+    seen = []
+
+    def val():
+        seen.append(p.detach().clone())
+        return float(((p.detach() - half) ** 2).sum())
+    _loop(40, [torch.zeros(1)], train, [p], cfg, "t", lambda s: None, val_fn=val)
+    best = min(seen, key=lambda v: float(((v - half) ** 2).sum()))
+    assert torch.equal(p.detach(), best) and len(seen) == 9       # steps 0, 5, ..., 40
+    assert float(((best - half) ** 2).sum()) < min(float((half ** 2).sum()), float(((seen[-1] - half) ** 2).sum()))
+
+
+def test_calibration_split_and_teacher_samples(llava):
+    import transformers
+
+    from edgevlm.export.calib_data import load_calib
+    from edgevlm.export.source import open_source
+    from edgevlm.export.speedq import split_calib
+    from edgevlm.export.speedq_llava import adapter_for
+
+    calib = load_calib(None, n_images=8, n_texts=8)
+    tr, va = split_calib(calib, 0.25, seed=0)
+    assert (len(tr.images), len(va.images), len(tr.texts), len(va.texts)) == (6, 2, 6, 2)
+    assert not set(tr.texts) & set(va.texts) and not {id(i) for i in tr.images} & {id(i) for i in va.images}
+    assert split_calib(calib, 0.0, 0) == (calib, None)
+    src, _ = llava
+    source = open_source(src)
+    ad = adapter_for(transformers.LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval(),
+                     source)
+    with torch.no_grad():
+        feats = ad.features(ad.pixels(tr))
+        for b in ad.batches(tr, 4):
+            s = ad.sample(b, feats[b.images] if b.images else None, torch.Generator().manual_seed(0))
+            assert s.images == b.images
+            for r in range(len(b.ids)):
+                n0, n1 = int(b.mask[r].sum()), int(s.mask[r].sum())
+                orig, new = b.ids[r, :n0].tolist(), s.ids[r, :n1].tolist()
+                assert new.count(ad.image_id) == orig.count(ad.image_id)   # no sampled image tokens
+                first = max((i + 1 for i, t in enumerate(orig) if t == ad.image_id), default=1)
+                keep = next(i for i in range(n1 + 1) if i == n1 or i >= n0 or new[i] != orig[i])
+                assert keep >= first and n1 <= n0 and n1 >= keep   # a kept prefix, then samples
+            assert torch.equal(s.labels == -100, (s.mask == 0) | (s.ids == ad.image_id))
+
+
 def test_4bit_export_is_q4_everywhere_but_the_projector(tmp_path):
     """The 4-bit recipe on SigLIP + Qwen2 with a tied head: one q4 table serves as both."""
     src = hf_tiny.make_llava(tmp_path / "hf", vision="siglip", text="qwen2", tie=True)
@@ -220,6 +347,10 @@ def test_4bit_export_is_q4_everywhere_but_the_projector(tmp_path):
     (dict(bits=2, speedq_steps=-1), "speedq_steps must be a non-negative integer"),
     (dict(bits=2, speedq_lr=0.0), r"speedq_lr must be in \(0, 1\]"),
     (dict(bits=2, speedq_device=""), "speedq_device must be a torch device string"),
+    (dict(bits=2, speedq_init="awq"), "speedq_init must be one of gptq, rtn"),
+    (dict(bits=2, speedq_val=0.75), r"speedq_val must be a fraction in \[0, 0.5\]"),
+    (dict(bits=2, speedq_eval_every=0), "speedq_eval_every must be an integer >= 1"),
+    (dict(bits=2, speedq_gen=-1), "speedq_gen must be an integer >= 0"),
 ])
 def test_bad_settings_are_value_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -55,6 +55,18 @@ class QigBaseline(str, enum.Enum):
     QUANTIZED = "quantized"
 
 
+class SpeedQInit(str, enum.Enum):
+    """Where SPEED-Q's stage-3 QAT starts (export/speedq_gptq.py).
+
+    GPTQ  GPTQ on the recipe's own grid (clip-searched bilevel params), then QAT on that frozen
+          grid from GPTQ's weights: the distillation starts at the best PTQ point.
+    RTN   the paper's: asymmetric clip init, min-max bilevel params recomputed every forward.
+    """
+
+    GPTQ = "gptq"
+    RTN = "rtn"
+
+
 #: methods whose scales come from the activation-aware search (awq.py) by default
 SCALED_METHODS = (Method.AWQ, Method.QIG, Method.VEQ_ME)
 #: methods whose expert Hessians are VEQ-MA's C-weighted ones
@@ -144,6 +156,14 @@ class ExportConfig:
     speedq_adaround_iters  speedq: stage-1 AdaRound iterations per vision block (BRECQ: 20000).
     speedq_lr   speedq: AdamW learning rate of stages 2-3 (cosine; the paper's 8e-6 is for 10K steps).
     speedq_device  speedq: torch device of the training ("cpu", "cuda", "cuda:1", ...).
+    speedq_init  speedq: stage-3 start, gptq (GPTQ on the q2b/q4 grid, then QAT on that grid) or
+                rtn (the paper's clip init + min-max); see :class:`SpeedQInit`.
+    speedq_val  speedq: fraction of the calibration samples held out of stages 2-3; the stage-3
+                weights kept are those with the lowest KL(fp || q) on them (0: no hold-out, the
+                last step's weights).
+    speedq_eval_every  speedq: stage-3 steps between two held-out evaluations.
+    speedq_gen  speedq: teacher-sampled continuations per training prompt added to the stage-3
+                data (self-distillation; 0: the calibration samples only).
     batch_size  calibration samples run through a block at once (memory vs speed); speedq's
                 training batch.
     seed        calibration sampling / augmentation seed.
@@ -181,6 +201,10 @@ class ExportConfig:
     speedq_adaround_iters: int = 200
     speedq_lr: float = 1e-4
     speedq_device: str = "cpu"
+    speedq_init: SpeedQInit = SpeedQInit.GPTQ
+    speedq_val: float = 0.125
+    speedq_eval_every: int = 25
+    speedq_gen: int = 1
     format: Format = Format.EVLM
     batch_size: int = 8
     seed: int = 0
@@ -298,6 +322,19 @@ class ExportConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, int) and 0 <= v <= 10_000_000):
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        try:
+            object.__setattr__(self, "speedq_init", SpeedQInit(self.speedq_init))
+        except ValueError:
+            raise ValueError(f"speedq_init must be one of {', '.join(i.value for i in SpeedQInit)}, "
+                             f"got {self.speedq_init!r}") from None
+        v = self.speedq_val
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v <= 0.5):
+            raise ValueError(f"speedq_val must be a fraction in [0, 0.5] of the calibration samples (0 = no "
+                             f"held-out early stopping), got {v!r}")
+        for name, lo in (("speedq_eval_every", 1), ("speedq_gen", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, int) and lo <= v <= 1_000_000):
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         lr = self.speedq_lr
         if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0.0 < lr <= 1.0):
             raise ValueError(f"speedq_lr must be in (0, 1], got {lr!r}")
@@ -345,6 +382,8 @@ class ExportConfig:
                 **({"veq_text_weight": self.veq_text_weight}
                    if self.method in (*VEQ_MA_METHODS, Method.VEQ_ME) else {}),
                 **({"speedq": {"steps": self.speedq_steps, "stage2_steps": self.speedq_stage2_steps,
-                               "adaround_iters": self.speedq_adaround_iters, "lr": self.speedq_lr}}
+                               "adaround_iters": self.speedq_adaround_iters, "lr": self.speedq_lr,
+                               "init": self.speedq_init.value, "val": self.speedq_val,
+                               "eval_every": self.speedq_eval_every, "gen": self.speedq_gen}}
                    if self.method is Method.SPEEDQ else {}),
                 **({"format": self.format.value} if self.format is not Format.EVLM else {})}

@@ -4,15 +4,23 @@
              each block fed by the already-quantized earlier blocks; frozen afterwards.
     stage 2  projector alignment: only the projector trains (next-token CE on the calibration
              image + caption prompts); vision tower = the quantized one, language model = fp.
-    stage 3  language-model QAT: asymmetric clipping init, embeddings and LM head fake-quantized
-             once (4-bit symmetric g32) and frozen, every LM linear through the bilevel quantizer
-             with a straight-through gradient (2-bit g16 with 4-bit scales in runs of 16 rows, or
-             4-bit g32 / runs of 128), loss = CAKLD against the fp model (gamma = the teacher's
-             mean max probability) + label-smoothed CE (0.1); the projector trains too.
+    stage 3  language-model QAT: embeddings and LM head quantized once (4-bit g32) and frozen,
+             every LM linear through the recipe's quantizer (2-bit g16 with 4-bit scales in runs
+             of 16 rows, or 4-bit g32 / runs of 128) with a straight-through gradient, loss =
+             CAKLD against the fp model (gamma = the teacher's mean max probability) +
+             label-smoothed CE (0.1); the projector trains too.  Start (SpeedQConfig.init):
+             GPTQ  (default, speedq_gptq.py) GPTQ layer by layer on the recipe's own grid, then
+                   QAT on that frozen grid from GPTQ's weights; embeddings/head asymmetric q4
+                   (RTN + clip search / GPTQ);
+             RTN   the paper's: asymmetric clipping init, bilevel min-max params recomputed every
+                   forward; embeddings/head 4-bit symmetric.
+             Data: the calibration prompts plus ``gen`` teacher-sampled continuations of each;
+             a held-out ``val`` fraction of the calibration set picks the stage-2 and stage-3
+             weights kept (lowest KL(fp || q) on it, evaluated every ``eval_every`` steps).
     export   LM linears as q2b (2-bit) or q4 g32 (4-bit), bit for bit the QAT forward's weights;
              vision linears at the AdaRound codes (q2 / q4 at group 32: SPEED-Q's g16 is not a
-             q2 group); projector float16; embeddings / head q4 g32 holding the symmetric 4-bit
-             values exactly.
+             q2 group); projector float16; embeddings / head q4 g32 holding the quantized values
+             exactly.
 
 Unlike the other methods the whole model is in memory (QAT needs every layer at once, plus the
 fp teacher): for the 1-2B models of the paper that is a GPU job (``speedq_device``); the code is
@@ -32,9 +40,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .calib_data import CalibSet
+from .config import SpeedQInit
 from .lazy import capture_block_inputs
 from .speedq_adaround import AdaRoundConfig, adaround_block
+from .speedq_gptq import GridSTE, gptq_head_q4, gptq_init
 from .speedq_llava import adapter_for, check_family
+from .quantize import rtn
 from .speedq_quant import BilevelSTE, autoclip_, bilevel_result, group_gram, RECIPES, sym4_result
 from .tensor_map import Kind
 
@@ -56,6 +67,12 @@ class SpeedQConfig:
     weight_decay  AdamW weight decay (paper 0.01 in stage 2).
     grad_clip     max gradient norm (HF Trainer's default 1.0).
     batch_size    samples per step; device: torch device string ("cpu", "cuda", ...); progress: tqdm bars.
+    init          stage-3 start (SpeedQInit): GPTQ on the recipe grid, then QAT on that frozen grid
+                  (default), or the paper's clip init with min-max params recomputed per forward.
+    val           fraction of the calibration samples held out of stages 2-3; stage 3 keeps the
+                  weights with the lowest held-out KL(fp || q) (evaluated every ``eval_every``
+                  steps and at step 0); 0: no hold-out, the last step's weights.
+    gen           teacher-sampled continuations per training prompt added to the stage-3 data.
     """
 
     bits: int = 2
@@ -70,6 +87,10 @@ class SpeedQConfig:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    init: SpeedQInit = SpeedQInit.GPTQ
+    val: float = 0.125
+    eval_every: int = 25
+    gen: int = 1
 
     def __post_init__(self) -> None:
         if self.bits not in RECIPES:
@@ -86,7 +107,8 @@ class SpeedQConfig:
     def from_export(cls, cfg) -> SpeedQConfig:
         return cls(bits=cfg.bits, steps=cfg.speedq_steps, stage2_steps=cfg.speedq_stage2_steps, lr=cfg.speedq_lr,
                    adaround=AdaRoundConfig(iters=cfg.speedq_adaround_iters, batch=cfg.batch_size),
-                   batch_size=cfg.batch_size, device=cfg.speedq_device, seed=cfg.seed, progress=cfg.progress)
+                   batch_size=cfg.batch_size, device=cfg.speedq_device, seed=cfg.seed, progress=cfg.progress,
+                   init=cfg.speedq_init, val=cfg.speedq_val, eval_every=cfg.speedq_eval_every, gen=cfg.speedq_gen)
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -107,7 +129,8 @@ def plan_target(m, cfg):
     g = _group_for(k, 32)
     if g is None:
         return Target("f16", 16, 0, f"in-features {k} is not a multiple of 32: kept float16")
-    note = "speedq: 4-bit symmetric g32 (embeddings / head)" if head else \
+    note = (f"speedq: 4-bit {'symmetric' if cfg.speedq_init.value == 'rtn' else 'asymmetric'} g32 "
+            "(embeddings / head)") if head else \
         ("speedq: AdaRound at group 32" if e.tower == "vision" else "speedq: bilevel 4-bit g32")
     return Target(f"q{bits}", bits, g, note)
 
@@ -134,13 +157,23 @@ def run(cal, source, calib: CalibSet) -> None:
         tad = adapter_for(teacher, source)
         key_of = {c: m.key for c, m in q.by_canon.items()}
         stage1(ad, calib, q, key_of, scfg, log)
-        batches = ad.batches(calib, scfg.batch_size)
+        train, val = split_calib(calib, scfg.val, scfg.seed)
+        batches, vbatches = ad.batches(train, scfg.batch_size), ad.batches(val, scfg.batch_size) if val else []
+        n_train = len(train.images)          # image indices >= n_train are the held-out images
         with torch.no_grad():
-            pv = ad.pixels(calib).to(dev)
+            pv = torch.cat([ad.pixels(train)] + ([ad.pixels(val)] if val and val.images else [])).to(dev)
             feats_q = ad.features(pv)          # quantized vision tower, frozen from here on
             feats_fp = tad.features(pv)
-        stage2(ad, tad, batches, feats_q, feats_fp, scfg, log)
-        stage3(ad, tad, batches, feats_q, feats_fp, q, key_of, scfg, log)
+        vbatches = [_shift_images(b, n_train) for b in vbatches]
+        stage2(ad, tad, batches, feats_q, feats_fp, scfg, log, vbatches)
+        sampled = []
+        if scfg.gen and scfg.steps:
+            gen = torch.Generator(device="cpu").manual_seed(scfg.seed + 1)
+            with torch.no_grad():
+                sampled = [tad.sample(b.to(dev), _feats(feats_fp, b), gen) for b in batches for _ in range(scfg.gen)]
+        log(f"speedq stage 3: {len(batches)} calibration + {len(sampled)} teacher-sampled training batches, "
+            f"{len(vbatches)} held-out")
+        stage3(ad, tad, batches, feats_q, feats_fp, q, key_of, scfg, log, vbatches, sampled)
     state = dict(model.named_parameters(remove_duplicate=False))
     ref = dict(teacher.named_parameters(remove_duplicate=False))
     for m in q.by_canon.values():
@@ -152,6 +185,29 @@ def run(cal, source, calib: CalibSet) -> None:
         if t is None:
             raise RuntimeError(f"internal error: speedq has no value for {m.canonical}")
         q._store_matrix(m, t.detach().to("cpu", torch.float32).reshape(m.shape), None)
+
+
+def split_calib(calib: CalibSet, frac: float, seed: int) -> tuple[CalibSet, CalibSet | None]:
+    """(train, held-out): a seeded ``frac`` of the images (with their captions) and of the texts,
+    at least one of each where there are two or more; (calib, None) for frac 0."""
+    if frac <= 0:
+        return calib, None
+    gen = torch.Generator().manual_seed(seed + 7)
+
+    def cut(n: int) -> tuple[list[int], list[int]]:
+        k = min(n - 1, max(1, round(frac * n))) if n >= 2 else 0
+        perm = torch.randperm(n, generator=gen).tolist()
+        return sorted(perm[k:]), sorted(perm[:k])
+
+    (ti, vi), (tt, vt) = cut(len(calib.images)), cut(len(calib.texts))
+    caps = calib.captions or ("",) * len(calib.images)
+    part = lambda ii, tx, tag: CalibSet(tuple(calib.images[i] for i in ii), tuple(caps[i] for i in ii),  # noqa: E731
+                                        tuple(calib.texts[i] for i in tx), f"{calib.source} ({tag})")
+    return part(ti, tt, "speedq train"), (part(vi, vt, "speedq held-out") if vi or vt else None)
+
+
+def _shift_images(b, n: int):
+    return type(b)(b.ids, b.mask, b.labels, [i + n for i in b.images])
 
 
 # ---- stage 1 -----------------------------------------------------------------------------------
@@ -226,10 +282,30 @@ def _schedule(opt, steps: int, warmup: float):
         opt, lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w))))
 
 
-def _loop(steps: int, batches: list, loss_fn, params: list, cfg: SpeedQConfig, desc: str, log) -> list[float]:
-    """AdamW + warmup/cosine over ``steps`` batches (a seeded permutation, repeated); returns the losses."""
+def fidelity(student, teacher, batches: list, feats_s, feats_t, device="cpu") -> tuple[float, float]:
+    """(mean KL(p_t || p_s) per label token, greedy agreement: the fraction of label positions
+    where both argmaxes agree), teacher-forced, of two adapters over ``batches`` (no gradient)."""
+    kl = agree = count = 0.0
+    with torch.no_grad():
+        for b in batches:
+            b = b.to(torch.device(device))
+            lt = F.log_softmax(teacher.logits(b, _feats(feats_t, b))[:, :-1].float(), -1)
+            ls = F.log_softmax(student.logits(b, _feats(feats_s, b))[:, :-1].float(), -1)
+            m = b.labels[:, 1:] != -100
+            kl += float((lt.exp() * (lt - ls)).sum(-1)[m].sum())
+            agree += float((lt.argmax(-1) == ls.argmax(-1))[m].sum())
+            count += float(m.sum())
+    return kl / max(count, 1.0), agree / max(count, 1.0)
+
+
+def _loop(steps: int, batches: list, loss_fn, params: list, cfg: SpeedQConfig, desc: str, log,
+          val_fn=None) -> list[float]:
+    """AdamW + warmup/cosine over ``steps`` batches (a seeded permutation, repeated); returns the
+    losses.  With ``val_fn`` (() -> held-out score, lower is better), evaluated at step 0, every
+    ``cfg.eval_every`` steps and at the end, ``params`` end at their best-scoring values."""
     if steps == 0 or not batches:
         return []
+    best = (val_fn(), 0, [p.detach().clone() for p in params]) if val_fn else None
     dev = torch.device(cfg.device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, steps, cfg.warmup)
@@ -255,19 +331,31 @@ def _loop(steps: int, batches: list, loss_fn, params: list, cfg: SpeedQConfig, d
         losses.append(float(loss.detach()))
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"loss {losses[-1]:.4f}")
+        if best is not None and (len(losses) % cfg.eval_every == 0 or len(losses) == steps):
+            score = val_fn()
+            if score < best[0]:
+                best = (score, len(losses), [p.detach().clone() for p in params])
+    if best is not None:
+        with torch.no_grad():
+            for p, v in zip(params, best[2]):
+                p.copy_(v)
+        log(f"{desc}: kept step {best[1]} of {steps} (held-out score {best[0]:.5f})")
     return losses
 
 
-def stage2(ad, tad, batches, feats_q, feats_fp, cfg: SpeedQConfig, log) -> list[float]:
-    """Projector alignment: train only the projector, CE on the image prompts (no smoothing)."""
+def stage2(ad, tad, batches, feats_q, feats_fp, cfg: SpeedQConfig, log, vbatches: list | None = None) -> list[float]:
+    """Projector alignment: train only the projector, CE on the image prompts (no smoothing);
+    with ``vbatches``, the projector kept is the one with the lowest held-out KL(fp || q)."""
     for p in ad.model.parameters():
         p.requires_grad_(False)
     params = list(ad.projector.parameters())
     for p in params:
         p.requires_grad_(True)
     mm = [b for b in batches if b.images]
+    vmm = [b for b in vbatches or () if b.images]
+    val_fn = (lambda: fidelity(ad, tad, vmm, feats_q, feats_fp, cfg.device)[0]) if vmm else None
     return _loop(cfg.stage2_steps, mm, lambda b: _ce(ad.logits(b, _feats(feats_q, b)), b.labels, 0.0),
-                 params, cfg, "speedq stage 2 (projector)", log)
+                 params, cfg, "speedq stage 2 (projector)", log, val_fn)
 
 
 def _lm_linears(ad) -> dict[str, nn.Linear]:
@@ -319,35 +407,53 @@ def teacher_confidence(tad, batches, feats_fp, cfg: SpeedQConfig) -> float:
     return num / max(den, 1.0)
 
 
-def stage3(ad, tad, batches, feats_q, feats_fp, q, key_of: dict, cfg: SpeedQConfig, log) -> list[float]:
-    """LM QAT with distillation; stores the presets of the LM linears, embeddings and head."""
+def stage3(ad, tad, batches, feats_q, feats_fp, q, key_of: dict, cfg: SpeedQConfig, log,
+           vbatches: list | None = None, sampled: list | None = None) -> list[float]:
+    """LM QAT with distillation; stores the presets of the LM linears, embeddings and head.
+    ``vbatches``: held-out batches for the early stopping (see SpeedQConfig.val); ``sampled``:
+    teacher-sampled batches trained on with ``batches`` (the init and gamma use ``batches`` only,
+    so the QAT of a run starts where the same export with 0 steps ends)."""
     from torch.nn.utils import parametrize
 
     model = ad.model
     for p in model.parameters():
         p.requires_grad_(False)
-    # embeddings and head: 4-bit symmetric g32 once, frozen (one tensor when tied)
+    # embeddings and head: 4-bit g32 once, frozen (one tensor when tied).  The paper's init:
+    # symmetric absmax; the GPTQ init: the same q4 bytes used asymmetrically (clip-searched RTN
+    # for the embedding, GPTQ for an untied head on the quantized LM's final hidden states).
     emb = ad.language_model.get_input_embeddings().weight
     heads = [("model.language_model.embed_tokens.weight", emb), ("lm_head.weight", model.lm_head.weight)]
+    gptq_head = cfg.init is SpeedQInit.GPTQ and model.lm_head.weight is not emb
     done: dict[int, object] = {}   # a tied head is the embedding tensor: quantized once, stored under both keys
     for canon, w in heads:
         key = key_of.get(canon)
         tgt = q.targets.get(key) if key else None
-        if tgt is None or not tgt.qtype.startswith("q"):
+        if tgt is None or not tgt.qtype.startswith("q") or (gptq_head and canon == "lm_head.weight"):
             continue
         r = done.get(id(w))
         if r is None:
-            r = done[id(w)] = sym4_result(w.data, tgt.group)
+            r = done[id(w)] = sym4_result(w.data, tgt.group) if cfg.init is SpeedQInit.RTN else \
+                rtn(w.data, "q4", tgt.group, clip_search=True)
             w.data.copy_(r.deq.to(w.device))
-        q.preset[key] = ("speedq-sym4", r)
+        q.preset[key] = ("speedq-sym4" if cfg.init is SpeedQInit.RTN else "speedq-rtn4+clip", r)
     # the LM linears the file stores quantized (one whose in-features fit no group stays fp16, untrained by QAT)
     linears = {c: lin for c, lin in _lm_linears(ad).items()
                if c in key_of and q.targets[key_of[c]].qtype.startswith("q")}
-    _clip_init(ad, batches, feats_q, cfg, linears)
+    dev = torch.device(cfg.device)
+    if cfg.init is SpeedQInit.GPTQ:    # the QAT starts from GPTQ's weights on a frozen grid
+        grids = gptq_init(ad, batches, lambda b: _feats(feats_q, b), linears, cfg.bits, dev, log)
+        quantizers = {c: GridSTE(grids[c].to(dev)) for c in linears}
+        key = key_of.get("lm_head.weight")
+        if gptq_head and key and q.targets[key].qtype.startswith("q"):
+            r = gptq_head_q4(ad, batches, lambda b: _feats(feats_q, b), q.targets[key].group, dev)
+            q.preset[key] = ("speedq-gptq4", r)
+    else:                              # the paper's: clip init, min-max params every forward
+        _clip_init(ad, batches, feats_q, cfg, linears)
+        quantizers = {c: BilevelSTE(cfg.bits) for c in linears}
     gamma = teacher_confidence(tad, batches, feats_fp, cfg)
     log(f"speedq stage 3: teacher confidence gamma = {gamma:.4f}")
-    for lin in linears.values():
-        parametrize.register_parametrization(lin, "weight", BilevelSTE(cfg.bits), unsafe=True)
+    for c, lin in linears.items():
+        parametrize.register_parametrization(lin, "weight", quantizers[c], unsafe=True)
     params = [p for n, p in ad.language_model.named_parameters() if "embed_tokens" not in n]
     params += list(ad.projector.parameters())
     for p in params:
@@ -359,18 +465,25 @@ def stage3(ad, tad, batches, feats_q, feats_fp, q, key_of: dict, cfg: SpeedQConf
         s = ad.logits(b, _feats(feats_q, b))
         return cakld(s, t, b.labels, gamma) + _ce(s, b.labels, LABEL_SMOOTHING)
 
+    val_fn = (lambda: fidelity(ad, tad, vbatches, feats_q, feats_fp, cfg.device)[0]) if vbatches else None
     try:
-        losses = _loop(cfg.steps, batches, loss_fn, params, cfg, f"speedq stage 3 (QAT {cfg.bits}-bit)", log)
+        losses = _loop(cfg.steps, batches + list(sampled or ()), loss_fn, params, cfg,
+                       f"speedq stage 3 (QAT {cfg.bits}-bit)", log, val_fn)
     finally:
         for lin in linears.values():
             parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
     for p in model.parameters():
         p.requires_grad_(False)
+    label = f"speedq-{cfg.init.value}+qat{cfg.bits}"
     for canon, lin in linears.items():
         key = key_of[canon]
         if (q.targets[key].qtype == "q2b") != (cfg.bits == 2):
             raise RuntimeError(f"internal error: {canon} planned as {q.targets[key].qtype} for {cfg.bits}-bit speedq")
-        q.preset[key] = (f"speedq-qat{cfg.bits}", bilevel_result(lin.weight.data, cfg.bits))
+        res = grids[canon].result(lin.weight.data) if cfg.init is SpeedQInit.GPTQ else \
+            bilevel_result(lin.weight.data, cfg.bits)
+        with torch.no_grad():   # the model holds the file's values (what the QAT forward computed)
+            lin.weight.copy_(res.deq.to(lin.weight.device))
+        q.preset[key] = (label, res)
     return losses
 
 

@@ -8,6 +8,8 @@ with the same four methods (vision blocks + their inputs, features, logits, samp
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +89,17 @@ class LlavaAdapter:
         return self.model.lm_head(h)
 
     # ---- data ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def pad_id(self) -> int:
+        tok = tokenizer(self.source)
+        return tok.pad_token_id if tok.pad_token_id is not None else 0
+
     def batches(self, calib: CalibSet, batch_size: int, *, text_only: bool = True) -> list[Batch]:
         """Image + caption chat prompts (one image each, as the calibration recipe builds them),
         then, with ``text_only``, the calibration texts as plain LM samples.  Loss on every
         non-image, non-padding token."""
         tok = tokenizer(self.source)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = self.pad_id
         prompts = _llava_prompts(self.source, tok, calib, self.image_id, self.n_img)
         out = []
         for i in range(0, len(prompts), batch_size):
@@ -105,11 +112,43 @@ class LlavaAdapter:
                 out.append(self._batch(texts[i:i + batch_size], pad, []))
         return out
 
-    def _batch(self, group: list[list[int]], pad: int, images: list[int]) -> Batch:
-        ids, am = pad_batch(group, pad)
+    def sample(self, batch: Batch, feats: torch.Tensor | None, gen: torch.Generator, temperature: float = 1.0,
+               max_new: int = 64) -> Batch:
+        """Self-distillation data: each row of ``batch`` cut at a random point of its text part
+        (after its image tokens, within the first half of what follows) and continued by
+        sampling this model (the fp teacher) at ``temperature`` for as many tokens as were cut
+        (at most ``max_new``).  Full forwards without a cache: O(new tokens) passes of the
+        batch, fine at calibration sizes.  Returns a right-padded Batch on batch's device, loss
+        on every non-image, non-padding token as :meth:`batches`."""
+        dev = batch.ids.device
+        rows = []
+        for ids, am in zip(batch.ids.tolist(), batch.mask.tolist()):
+            n = sum(am)
+            first = max((i + 1 for i, t in enumerate(ids[:n]) if t == self.image_id), default=1)
+            cut = first + int(torch.randint(0, max(1, (n - first) // 2 + 1), (1,), generator=gen))
+            rows.append((ids[:min(cut, n)], min(max_new, n - min(cut, n))))
+        new = max(k for _, k in rows)
+        pad = self.pad_id
+        cur = [list(p) for p, _ in rows]
+        for _ in range(new):
+            ids, am = pad_batch(cur, pad)
+            logits = self.logits(Batch(ids.to(dev), am.to(dev), ids.to(dev), batch.images), feats)
+            last = logits[torch.arange(len(cur), device=dev), am.sum(1).to(dev) - 1].float() / temperature
+            last[:, self.image_id] = -math.inf     # image tokens come only with image features
+            nxt = torch.multinomial(torch.softmax(last, -1).cpu(), 1, generator=gen)[:, 0].tolist()
+            for r, (p, k) in enumerate(rows):
+                if len(cur[r]) - len(p) < k:
+                    cur[r].append(nxt[r])
+        ids, am = pad_batch(cur, pad)
+        return self._batch_from(ids, am, batch.images).to(dev)
+
+    def _batch_from(self, ids: torch.Tensor, am: torch.Tensor, images: list[int]) -> Batch:
         labels = ids.clone()
         labels[(am == 0) | (ids == self.image_id)] = -100
         return Batch(ids, am, labels, images)
+
+    def _batch(self, group: list[list[int]], pad: int, images: list[int]) -> Batch:
+        return self._batch_from(*pad_batch(group, pad), images)
 
 
 def check_family(source: Source) -> None:
