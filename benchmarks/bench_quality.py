@@ -33,7 +33,8 @@ group 128, reported, never asserted): W4 GPTQ >= 0.99, W3 GPTQ >= 0.97, GPTQ >= 
 ``methods`` may also name ``rtn+clip`` / ``gptq+clip`` (clip search on), ``awq`` (activation-aware
 scales + RTN with clip search) and ``awq+gptq`` / ``awq+gptq+clip`` (GPTQ on the scaled weights);
 ``gptq+clip+br`` adds block reconstruction (ExportConfig.block_refine: group scales/mins tuned on each
-block's output, codes frozen; ``+vec`` also tunes the norm/bias vectors).
+block's output, codes frozen; ``+vec`` also tunes the norm/bias vectors; ``+codes`` first lets each code
+move one step from GPTQ's, ExportConfig.block_refine_codes=200).
 ``shq`` is skipped: it differs from gptq only in the vision tower, and this model has none.
 """
 
@@ -277,6 +278,7 @@ LABELS = {
     "awq+gptq+clip+refit": dict(method="gptq", clip_search=True, awq=True, refit=1),
     "gptq+clip+br": dict(method="gptq", clip_search=True, block_refine=True),
     "gptq+clip+br+vec": dict(method="gptq", clip_search=True, block_refine=True, block_refine_vectors=True),
+    "gptq+clip+br+codes": dict(method="gptq", clip_search=True, block_refine=True, block_refine_codes=200),
 }
 
 
@@ -315,7 +317,7 @@ def export_and_eval(model_dir: Path, label: str, bits: int, group: int, n_calib:
             "cosine_min": float(cos.min()), "file_mb": size / 1e6, "bits_per_param": float(rep.bits_per_param),
             "export_s": float(rep.seconds), "n_sentences": len(sentences), "n_calib": n_calib,
             "act_order": act_order, "clip_search": cfg.effective_clip_search, "awq": cfg.effective_awq,
-            "refit": cfg.refit, "block_refine": cfg.block_refine}
+            "refit": cfg.refit, "block_refine": cfg.block_refine, "block_refine_codes": cfg.block_refine_codes}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,7 +426,9 @@ def section_lines(args, info: dict, rows: list[dict], bar_lines: list[str], ref_
         "v -> attention-output folds are exact), `+refit` = one least-squares refit of every group's "
         "(scale, min) to its GPTQ codes (ExportConfig.refit=1), `+br` = block reconstruction: each block's "
         "group scales/mins tuned by Adam on the block-output error against the fp32 model, codes frozen "
-        "(ExportConfig.block_refine, defaults: 200 steps, lr 3e-3), `+vec` = also its norm/bias vectors. "
+        "(ExportConfig.block_refine, defaults: 200 steps, lr 3e-3), `+vec` = also its norm/bias vectors, "
+        "`+codes` = 200 steps before those in which each code may also move one step from GPTQ's (signed "
+        "gradient through the rounding, ExportConfig.block_refine_codes=200). "
         "Encoder linears at `bits`; "
         "word embeddings q8 (8-bit minimum); position/type embeddings and pooler float16; norms/biases float32.",
         f"- Evaluation: {args.n_sentences} held-out sentences written in the script (none is a calibration text). "

@@ -141,6 +141,9 @@ def _export_parser(sub) -> None:
                    help="--block-refine: learning rate, relative to each parameter's size")
     s.add_argument("--block-refine-vectors", action="store_true",
                    help="--block-refine: also tune the block's float32 norm weights/biases and linear biases")
+    s.add_argument("--block-refine-codes", type=int, default=d.block_refine_codes,
+                   help="--block-refine: Adam steps per block, before the params-only steps, in which the codes "
+                        "move too (SignRound: each code may move one step from GPTQ's; 0 = codes frozen)")
     # QIG / VEQ (export/qig.py, export/veq.py); README "Methods" says when to use which
     s.add_argument("--qig-steps", type=int, default=d.qig_steps,
                    help="qig: Riemann steps of the integrated-gradient path (token weights of the scale search)")
@@ -200,6 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, **qv)   # QIG / VEQ options (validated against the method)
     br = dict(block_refine=args.block_refine, block_refine_steps=args.block_refine_steps,
               block_refine_lr=args.block_refine_lr, block_refine_vectors=args.block_refine_vectors)
+    br["block_refine_codes"] = args.block_refine_codes
     if any(v != getattr(cfg, k) for k, v in br.items()):   # validated: the options need --block-refine
         import dataclasses
 

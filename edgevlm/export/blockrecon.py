@@ -10,7 +10,11 @@ activation stream kept from the tower's input on: OmniQuant's choice), so a bloc
 part of the error the earlier quantized blocks left in its inputs; the quantized side runs on the
 inputs the earlier quantized blocks actually produce (the Calibrator's batches).
 
-Not here: moving codes (AdaRound / learnable clipping), activation quantization, folds.  The
+With ``codes_steps`` > 0 the codes move too: for the first ``codes_steps`` steps each code may
+move one step up or down from GPTQ's by signed gradient descent through the rounding (SignRound
+started from the GPTQ solution, signround.py), jointly with the params; the following ``steps``
+tune the params on the codes reached.
+Not here: learnable clipping, activation quantization, folds.  The
 result always holds exactly what the file stores: the tuned params are rounded to float16 before
 the final check, and a block keeps its GPTQ params unless the rounded ones lower its error on
 the whole calibration set.  Memory: one block, its codes as float32, the second activation stream.
@@ -29,6 +33,7 @@ from torch import nn
 
 from .. import qtypes
 from .quantize import QuantResult, _result
+from .signround import SignCodes
 
 
 class RefineQuantizer(Protocol):
@@ -39,7 +44,7 @@ class RefineQuantizer(Protocol):
         or None if it is not a refinable low-bit weight (float16, q8, not stored yet)."""
 
     def requantized(self, canonical: str, res: QuantResult, info: dict) -> torch.Tensor:
-        """Store ``res`` (same codes, new params) in place of the weight's earlier result;
+        """Store ``res`` (new params; codes unchanged unless codes_steps > 0) in place of the weight's earlier result;
         returns what the file now holds (float32 [N, K]).  ``info`` goes to the record."""
 
     def wants_refine(self, canonical: str) -> bool:
@@ -54,12 +59,17 @@ class RefineSettings:
     """steps: Adam steps per block, one calibration batch each (cosine-decayed learning rate).
     lr: Adam learning rate in units of the parameters' own size (relative change of a scale,
     min shift in scales, change of a vector in its rms, per step).  vectors: also tune the
-    block's float32 norm weights/biases and linear biases.  seed: batch order."""
+    block's float32 norm weights/biases and linear biases.  seed: batch order.
+    codes_steps: steps, before the ``steps`` above, during which the codes move too (0 = codes
+    frozen); codes_lr: the signed step of the rounding offsets V in code units, decayed linearly
+    to 0 over codes_steps (0.01 x 200 steps: the largest possible move of V is 1, one code)."""
 
     steps: int = 200
     lr: float = 3e-3
     vectors: bool = False
     seed: int = 0
+    codes_steps: int = 0
+    codes_lr: float = 1e-2
 
 
 @dataclass
@@ -74,22 +84,32 @@ class _Group:
     m0: torch.Tensor          # float32 [N, G]
     a: torch.Tensor           # float32 [N, G], requires grad: relative scale change
     b: torch.Tensor           # float32 [N, G], requires grad: min shift in units of s0
+    movable: SignCodes | None = None   # codes_steps > 0: the movable codes; None = codes frozen
+    moving: bool = False               # weight() uses movable.codes() (else self.codes)
 
     def weight(self) -> torch.Tensor:
         n, g, gs = self.codes.shape
         s = self.s0 * (1 + self.a)
         m = self.m0 + self.s0 * self.b
-        return (s.unsqueeze(-1) * self.codes + m.unsqueeze(-1)).reshape(n, g * gs)
+        c = self.movable.codes() if self.moving else self.codes
+        return (s.unsqueeze(-1) * c + m.unsqueeze(-1)).reshape(n, g * gs)
+
+    def harden(self) -> None:
+        """End of the codes phase: the codes are fixed where they are (float32 [N, G, group])."""
+        self.codes = self.movable.hard()
+        self.moving = False
 
     def rounded(self) -> QuantResult:
-        """The tuned params as the file stores them (float16, scales >= 0): exact deq."""
+        """The tuned params (and codes) as the file stores them (float16, scales >= 0): exact deq."""
         with torch.no_grad():
             s = (self.s0 * (1 + self.a)).clamp(min=0).numpy().astype(np.float16)
             m = (self.m0 + self.s0 * self.b).numpy().astype(np.float16)
         ok = np.isfinite(s) & np.isfinite(m)   # an fp16 overflow keeps that group's old params
         s = np.where(ok, s, self.res.scales)
         m = np.where(ok, m, self.res.mins)
-        return _result(qtypes.get(self.res.qtype), self.res.group, self.res.codes, s, m)
+        codes = self.res.codes if self.movable is None else \
+            self.codes.reshape(self.res.codes.shape).numpy().astype(self.res.codes.dtype)
+        return _result(qtypes.get(self.res.qtype), self.res.group, codes, s, m)
 
 
 @dataclass
@@ -114,6 +134,7 @@ class BlockRefiner:
                  log: Callable[[str], None] | None = None) -> None:
         self.q, self.s, self.progress, self.log = quantizer, settings, progress, log
         self._fp: list[torch.Tensor] | None = None     # full-precision stream, [B, T, D] per batch
+        self._w_fp: dict[str, torch.Tensor] = {}        # codes_steps > 0: the block's fp linear weights
         self.history: list[dict] = []                  # per block: losses before/after, kept
 
     # ---- hooks ------------------------------------------------------------------------------
@@ -125,6 +146,9 @@ class BlockRefiner:
             self._fp = [b.hidden.clone() for b in batches]
         with torch.no_grad():
             self._fp = [_call(block, x, b, None) for x, b in zip(self._fp, batches)]
+        if self.s.codes_steps > 0:   # V starts toward these (signround.py)
+            self._w_fp = {n: m.weight.detach().to(torch.float32).clone()
+                          for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         return self._fp
 
     def after(self, path: str, block: nn.Module, batches: list, targets: list[torch.Tensor]) -> dict | None:
@@ -141,31 +165,51 @@ class BlockRefiner:
         rng = np.random.default_rng(self.s.seed)
         plain = self.loss(block, batches, targets, {**{f"{g.name}.weight": g.res.deq for g in groups},
                                                     **{v.name: v.v0 for v in vectors}})
-        steps = _bar(range(self.s.steps), f"refine {path}", self.progress)
+        n_codes = self.s.codes_steps
+        moving = n_codes > 0
+        total = n_codes + self.s.steps
+        steps = _bar(range(total), f"refine {path}", self.progress)
         with torch.enable_grad():
             for t in steps:
                 if t % len(batches) == 0:
                     order = rng.permutation(len(batches))
                 j = int(order[t % len(batches)])
                 for pg in opt.param_groups:   # cosine decay to 0: the last steps settle, not jump
-                    pg["lr"] = self.s.lr * 0.5 * (1 + math.cos(math.pi * t / self.s.steps))
+                    pg["lr"] = self.s.lr * 0.5 * (1 + math.cos(math.pi * t / total))
+                if t == n_codes and moving:   # codes phase over: codes fixed from here on
+                    for g in groups:
+                        g.harden()
+                    moving = False
                 num, den = _sq_err(block, batches[j], targets[j], groups, vectors)
                 loss = num / den.clamp(min=1e-30)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if moving:   # signed step, linearly decayed (SignRound's schedule)
+                    for g in groups:
+                        g.movable.step(self.s.codes_lr * (1 - t / n_codes))
                 if hasattr(steps, "set_postfix_str") and t % 20 == 0:
                     steps.set_postfix_str(f"batch rel. MSE {float(loss):.3e} (GPTQ {plain:.3e} on all)")
+        if moving:   # steps == 0 (refused by ExportConfig, allowed here): fix the codes now
+            for g in groups:
+                g.harden()
+        moved = sum(int((g.codes != torch.from_numpy(g.res.codes.astype(np.float32)).reshape(g.codes.shape)).sum())
+                    for g in groups)
         tuned = [g.rounded() for g in groups]
         after = self.loss(block, batches, targets, {**{f"{g.name}.weight": r.deq for g, r in zip(groups, tuned)},
                                                     **{v.name: v.value().detach() for v in vectors}})
         keep = after < plain
         rec = {"block": path, "loss_gptq": plain, "loss_refined": after, "kept": bool(keep)}
+        if n_codes:
+            rec["codes_moved"] = moved
         self.history.append(rec)
         if self.log is not None:
             self.log(f"block refine {path}: rel. output MSE {plain:.3e} -> {after:.3e}"
+                     + (f", {moved} codes moved" if n_codes else "")
                      + ("" if keep else " (not lower: GPTQ params kept)"))
-        info = {"loss_ratio": after / max(plain, 1e-30), "kept": bool(keep)}
+        self._w_fp = {}
+        info = {"loss_ratio": after / max(plain, 1e-30), "kept": bool(keep),
+                **({"codes_moved": moved if keep else 0} if n_codes else {})}
         for g, res in zip(groups, tuned):
             final = self.q.requantized(g.canon, res if keep else g.res, info)
             _set(block, f"{g.name}.weight", final)
@@ -187,10 +231,16 @@ class BlockRefiner:
             n, k = res.codes.shape
             g = k // res.group
             s0 = torch.from_numpy(res.scales.astype(np.float32))
-            groups.append(_Group(canon, name, res,
-                                 torch.from_numpy(res.codes.astype(np.float32)).reshape(n, g, res.group), s0,
-                                 torch.from_numpy(res.mins.astype(np.float32)),
-                                 torch.zeros(n, g, requires_grad=True), torch.zeros(n, g, requires_grad=True)))
+            m0 = torch.from_numpy(res.mins.astype(np.float32))
+            codes = torch.from_numpy(res.codes.astype(np.float32)).reshape(n, g, res.group)
+            movable = None
+            if self.s.codes_steps > 0:
+                w = self._w_fp[name].reshape(n, g, res.group)
+                x = (w - m0.unsqueeze(-1)) / s0.unsqueeze(-1)   # s0 == 0: nan/inf, SignCodes starts V at 0
+                movable = SignCodes(codes, x, (1 << qtypes.get(res.qtype).bits) - 1)
+            groups.append(_Group(canon, name, res, codes, s0, m0,
+                                 torch.zeros(n, g, requires_grad=True), torch.zeros(n, g, requires_grad=True),
+                                 movable, movable is not None))
         vectors = []
         if self.s.vectors:
             for name, p in block.named_parameters():

@@ -140,6 +140,10 @@ class ExportConfig:
     block_refine_steps  Adam steps per block (one calibration batch each).
     block_refine_lr     Adam learning rate, relative to each parameter's size.
     block_refine_vectors  also tune the block's float32 norm weights/biases and linear biases.
+    block_refine_codes  steps per block, before block_refine_steps, in which the codes move too
+                (export/signround.py: each code may move one step from GPTQ's, by SignRound's
+                signed-gradient update on a rounding offset, jointly with the params; the
+                forward pass always runs the hard codes).  0 = codes frozen.
     qig_steps   qig: Riemann steps of the integrated-gradient path (32 as the paper).
     qig_baseline  qig: path start, zero or quantized (the int8-quantized input); None = zero,
                 or quantized with qig_act8 (the paper's choices).
@@ -191,6 +195,7 @@ class ExportConfig:
     block_refine_steps: int = 200
     block_refine_lr: float = 3e-3
     block_refine_vectors: bool = False
+    block_refine_codes: int = 0
     qig_steps: int = 32
     qig_baseline: QigBaseline | None = None
     qig_hessian: bool = False
@@ -288,7 +293,7 @@ class ExportConfig:
         if self.block_refine and self.method not in (Method.GPTQ, Method.SHQ):
             raise ValueError(f"block_refine tunes the group params of GPTQ codes and needs method=gptq or shq, "
                              f"got method={self.method.value}")
-        tuned = [f for f in ("block_refine_steps", "block_refine_lr", "block_refine_vectors")
+        tuned = [f for f in ("block_refine_steps", "block_refine_lr", "block_refine_vectors", "block_refine_codes")
                  if getattr(self, f) != self.__dataclass_fields__[f].default]
         if tuned and not self.block_refine:
             raise ValueError(f"{', '.join(tuned)} only apply with block_refine=True (--block-refine), which is off")
@@ -299,6 +304,10 @@ class ExportConfig:
         lr = self.block_refine_lr
         if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0.0 < lr <= 0.1):
             raise ValueError(f"block_refine_lr must be in (0, 0.1] (relative change per Adam step), got {lr!r}")
+        codes = self.block_refine_codes
+        if isinstance(codes, bool) or not (isinstance(codes, int) and 0 <= codes <= 100_000):
+            raise ValueError(f"block_refine_codes must be an integer in [0, 100000] (soft-rounding steps per block; "
+                             f"0 = codes frozen), got {codes!r}")
 
     def _check_format(self) -> None:
         try:
@@ -376,7 +385,9 @@ class ExportConfig:
                 "awq": self.effective_awq, "awq_grid": self.awq_grid, "refit": self.refit,
                 "damp": self.damp, "seed": self.seed,
                 **({"block_refine": {"steps": self.block_refine_steps, "lr": self.block_refine_lr,
-                                     "vectors": self.block_refine_vectors}} if self.block_refine else {}),
+                                     "vectors": self.block_refine_vectors,
+                                     **({"codes_steps": self.block_refine_codes} if self.block_refine_codes else {})}}
+                   if self.block_refine else {}),
                 **({"qig_steps": self.qig_steps, "qig_baseline": self.effective_qig_baseline.value,
                     "qig_hessian": self.qig_hessian, "qig_act8": self.qig_act8} if self.method is Method.QIG else {}),
                 **({"veq_text_weight": self.veq_text_weight}

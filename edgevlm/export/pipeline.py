@@ -223,7 +223,7 @@ class _ExportQuantizer:
     def requantized(self, canonical: str, res: QuantResult, info: dict) -> torch.Tensor:
         m = self._mapped(canonical)
         old, w, H, label, extra = self.pending.pop(canonical)
-        if res.qtype != old.qtype or not np.array_equal(res.codes, old.codes):
+        if res.qtype != old.qtype or (not self.cfg.block_refine_codes and not np.array_equal(res.codes, old.codes)):
             raise RuntimeError(f"internal error: block refinement of {canonical} changed its codes")
         sens = self.rows[m.key].sensitivity
         self._put(m, self.targets[m.key], res.pack(), {**extra, "block_refine": info}, label + "+br",
@@ -478,7 +478,8 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
             from .blockrecon import BlockRefiner, RefineSettings
 
             cal.block_refine = BlockRefiner(q, RefineSettings(cfg.block_refine_steps, cfg.block_refine_lr,
-                                                              cfg.block_refine_vectors, seed=cfg.seed),
+                                                              cfg.block_refine_vectors, seed=cfg.seed,
+                                                              codes_steps=cfg.block_refine_codes),
                                             progress=cfg.progress)
         with torch.no_grad():
             if cfg.method is Method.SPEEDQ:   # staged QAT: trains the whole model, then stores every tensor
