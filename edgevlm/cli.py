@@ -156,7 +156,7 @@ def _export_parser(sub) -> None:
                         "activations are in the discrepancy and the scale search)")
     s.add_argument("--veq-text-weight", type=float, default=None,
                    help="veq/veq-ma/veq-me: modality weight of text tokens, image tokens 1 (default: image/text "
-                        "token-count ratio of the calibration set, clipped to [0.1, 10])")
+                        "token-count ratio of the calibration set, clipped to [1, 10])")
     # SPEED-Q (export/speedq.py): training budgets of its three stages
     s.add_argument("--speedq-steps", type=int, default=d.speedq_steps,
                    help="speedq: stage-3 QAT steps (language model, bilevel quantizer + distillation)")

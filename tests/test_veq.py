@@ -39,7 +39,8 @@ def _fq(canonical: str, w: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------- hooks
 def test_modality_weights_and_hooks_follow_their_definitions():
     assert modality_weights((20, 60)) == (3.0, 1.0)               # text weighs T_img / T_txt
-    assert modality_weights((1, 1000)) == (10.0, 1.0)             # clipped to [0.1, 10]
+    assert modality_weights((1, 1000)) == (10.0, 1.0)             # clipped to [1, 10]
+    assert modality_weights((300, 100)) == (1.0, 1.0)             # text never weighs less than image
     assert modality_weights((50, 0)) == (1.0, 1.0) and modality_weights((5, 9), 2.5) == (2.5, 1.0)
     aff = torch.tensor([0.9, 0.5, 0.2, 0.7])
     img = torch.tensor([True, False, True, False])
@@ -52,6 +53,9 @@ def test_modality_weights_and_hooks_follow_their_definitions():
     counts = torch.tensor([3.0, 3.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(S, counts / counts.mean())
     assert me.importance["layer"] == [round(float(v), 6) for v in S]
+    # equal affinities and modality weights: C = I exactly (float32 ones), so H̃ is GPTQ's H
+    c1 = VeqMA(text_weight=1.0)("w", torch.zeros(7, 8), torch.full((7,), 0.3), torch.arange(7) % 2 == 0, (3, 4))
+    assert torch.equal(c1, torch.ones(7))
 
 
 class _MoeOnly(torch.nn.Module):
@@ -166,7 +170,12 @@ def _export(src, out, **cfg):
 def exports(moe, tmp_path_factory):
     src = moe[0]
     d = tmp_path_factory.mktemp("veq-exports")
-    return {m: _export(src, d / f"{m}.evlm", method=m) for m in ("gptq", "awq", "veq-ma", "veq-me")}
+    # veq-me with an explicit text weight 0.35 (image tokens weigh more; explicit weights are not
+    # clipped): these 4 samples hold 2.6 text tokens per image token, so the default weighs both
+    # modalities 1, S_i is then each expert's routed-token share, and that (like text weights 2
+    # and 10, measured) picks AWQ's scales here; 0.35 moves them (48 of 48 expert matrices)
+    return {m: _export(src, d / f"{m}.evlm", method=m, **({"veq_text_weight": 0.35} if m == "veq-me" else {}))
+            for m in ("gptq", "awq", "veq-ma", "veq-me")}
 
 
 def _experts(path) -> dict[str, bytes]:
@@ -207,6 +216,22 @@ def test_export_changes_experts_saves_stats_and_runtime_equals_fake_quant_model(
         p = rt.prepare(text, images)
         assert np.abs(rt.logits(p) - want).max() < 1e-5
         assert rt.generate_ids(p, max_tokens=8) == gen.tolist()
+
+
+def test_veq_ma_with_uniform_affinities_and_modality_weights_is_gptq(tmp_path):
+    """Top-1 routing makes every routing weight exactly 1 (the router renormalises over one expert)
+    and ``veq_text_weight`` 1 gives text and image tokens the same weight, so C = I and each
+    expert's H̃ = 2XᵀCX/ΣC is GPTQ's H: the veq-ma file holds the gptq file's bytes, tensor for
+    tensor (what differs is only the method in the metadata)."""
+    src = h3.make_qwen3vlmoe(tmp_path / "hf", top_k=1, mlp_only_layers=(2,))
+    paths = {m: _export(src, tmp_path / f"{m}.evlm", method=m, **kw)
+             for m, kw in (("gptq", {}), ("veq-ma", {"veq_text_weight": 1.0}))}
+    with fmt.open(paths["gptq"]) as a, fmt.open(paths["veq-ma"]) as b:
+        assert a.records.keys() == b.records.keys()
+        assert sum(".moe.experts." in k for k in a.records) > 0
+        for k in a.records:
+            assert np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes(), k
+        assert b.metadata["quantization"]["method"] == "veq-ma"
 
 
 def test_config_and_cli(moe, tmp_path, capsys):

@@ -152,7 +152,7 @@ class ExportConfig:
                 activations per token and group): the discrepancy and the scale search see
                 fake-quantized activations; no IQR clipping (as the paper's W4A8 code).
     veq_text_weight  veq*: modality weight of text tokens (image tokens 1); None = the
-                token-count ratio image/text of the calibration set, clipped to [0.1, 10].
+                token-count ratio image/text of the calibration set, clipped to [1, 10].
     format      evlm (one .evlm file) or a Hugging Face checkpoint folder for scale-out serving
                 (compressed-tensors, gptq); see :class:`Format`.
     speedq_steps  speedq: stage-3 QAT optimiser steps (the paper: ~10K at batch 64).

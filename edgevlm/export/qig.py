@@ -7,7 +7,7 @@ would hold at s = 1; with ``act8`` their inputs also int8-quantized as the W4A8 
 
     F(x) = Σ_{b,t real} || f(x)_bt - f_q(x)_bt ||²                    (block-output discrepancy)
     IG   = (x - x') ⊙ (1/K) Σ_{k=0..K-1} ∇F(x' + α_k (x - x')),  α_k = linspace(0, 1, K)
-    I_bt = Σ_c |IG_btc|,  normalised per sample to Σ_t I_bt = 1 over its real tokens,
+    I_bt = Σ_c |IG_btc|,  normalised per sample to mean 1 over its real tokens (token_importance),
 
 with x' = 0 (weight-only) or the int8-quantized input (``quantized``).  Weight-only clips each
 sample's weights to [q1 - 1.5 IQR, q3 + 1.5 IQR] (heavy-tailed massive-activation tokens) and
@@ -51,9 +51,15 @@ def iqr_clip(w: torch.Tensor) -> torch.Tensor:
 
 
 def token_importance(ig: torch.Tensor, mask: torch.Tensor | None, clip: bool) -> torch.Tensor:
-    """Per-token weights [B, T] from IG [B, T, D]: Σ_c |IG|, zero on padding, normalised to sum 1
+    """Per-token weights [B, T] from IG [B, T, D]: Σ_c |IG|, zero on padding, normalised to mean 1
     per sample over its real tokens (IQR-clipped first with ``clip``); a sample whose importances
-    are all zero gets uniform weights."""
+    are all zero gets uniform weights (1).
+
+    Mean 1, not the paper's sum 1: the paper pads every sample to one length T and normalises
+    over T positions, so its per-sample sums are one constant times T; with samples of different
+    lengths (ours: real tokens only) a sum of 1 would give a short sample's tokens more weight
+    each than a long sample's, a reweighting of samples the paper does not make.  Mean 1 keeps
+    every token's weight relative to AWQ-uniform's 1 and moves weight only within a sample."""
     imp = ig.abs().sum(-1).double()                                          # [B, T]
     m = torch.ones_like(imp, dtype=torch.bool) if mask is None else mask.bool()
     out = torch.zeros_like(imp)
@@ -63,10 +69,10 @@ def token_importance(ig: torch.Tensor, mask: torch.Tensor | None, clip: bool) ->
             continue
         if float(v.sum()) <= 0:
             v = torch.ones_like(v)
-        v = v / v.sum()
+        v = v / v.mean()
         if clip and v.numel() >= 4:
             v = iqr_clip(v)
-            v = v / v.sum() if float(v.sum()) > 0 else torch.full_like(v, 1.0 / v.numel())
+            v = v / v.mean() if float(v.sum()) > 0 else torch.ones_like(v)
         out[b][m[b]] = v
     return out.float()
 
