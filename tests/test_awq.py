@@ -13,11 +13,10 @@ transformers = pytest.importorskip("transformers")
 import hf_tiny  # noqa: E402
 
 from edgevlm import format as fmt  # noqa: E402
-from edgevlm import qtypes  # noqa: E402
 from edgevlm.export import ExportConfig  # noqa: E402
 from edgevlm.export.awq import LAYOUTS, ScaleSearch, fold, foldable, layout_for  # noqa: E402
 from edgevlm.export.calibrate import Batch  # noqa: E402
-from edgevlm.export.evaluate import load_into_model  # noqa: E402
+from edgevlm.export.evaluate import load_into_model, record_f32  # noqa: E402
 from edgevlm.export.lazy import call_block  # noqa: E402
 from edgevlm.export.pipeline import run_export  # noqa: E402
 from edgevlm.export.quantize import rtn  # noqa: E402
@@ -212,10 +211,7 @@ def test_export_round_trip(kind, method, bits, tmp_path):
         for name, rec in f.records.items():
             if name == "tokenizer.json":
                 continue
-            a = np.asarray(f[name])
-            if rec.quantized:
-                a = qtypes.get(rec.qtype).dequantize(a.reshape(-1), *rec.shape, rec.group_size)
-            assert np.array_equal(np.asarray(a, np.float32).reshape(rec.shape), rep.fake_quant[name]), name
+            assert np.array_equal(record_f32(f, name), rep.fake_quant[name]), name
             if name in scaled:
                 assert 0 < rec.extra["awq"]["ratio"] < 1
     model = load_into_model(rep.path, src)

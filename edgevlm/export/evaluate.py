@@ -17,6 +17,20 @@ from .. import qtypes
 from .tensor_map import family_for
 
 
+def record_f32(f, name: str) -> np.ndarray:
+    """Record ``name`` of the open .evlm ``f`` as a float32 array of its shape: packed records
+    dequantized by their quant type (numpy twin), float records converted (a copy either way:
+    the mmap view is read-only)."""
+    rec = f.records[name]
+    a = f[name]
+    if rec.quantized:
+        if len(rec.shape) != 2:
+            raise ValueError(f"quantized record {name!r} has shape {rec.shape}, not [N, K]")
+        n, k = rec.shape
+        a = qtypes.get(rec.qtype).dequantize(np.asarray(a).reshape(-1), n, k, rec.group_size)
+    return np.array(a, dtype=np.float32).reshape(rec.shape)
+
+
 def dequantized_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """{module parameter name: float32 array} for every weight in the file.
 
@@ -38,13 +52,10 @@ def dequantized_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             key = extra.get("param") or fam.canonical(src)  # "param": a tied head quantized from src
             if key in out:
                 raise ValueError(f"{path}: two records map to parameter {key!r}")
-            a = f[name]
-            if rec.quantized:
-                if len(rec.shape) != 2:
-                    raise ValueError(f"{path}: quantized record {name!r} has shape {rec.shape}, not [N, K]")
-                n, k = rec.shape
-                a = qtypes.get(rec.qtype).dequantize(np.asarray(a).reshape(-1), n, k, rec.group_size)
-            out[key] = np.array(a, dtype=np.float32).reshape(rec.shape)  # copy: the mmap view is read-only
+            try:
+                out[key] = record_f32(f, name)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
     if fam.fused:
         from .tm_qwen3vlmoe import fuse_experts   # the only family with fused rows
 
