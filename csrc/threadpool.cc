@@ -39,7 +39,7 @@ class Pool {
     // run_mu_ is held): reading it inside the new thread instead could skip a job posted
     // before the thread got scheduled, and the caller would wait for it forever.
     const uint64_t gen = generation_.load(std::memory_order_acquire);
-    for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, t, gen] { worker(t, gen); });
+    for (int t = 1; t < n_threads_; ++t) workers_.emplace_back([this, gen] { worker(gen); });
   }
 
   // Tasks are claimed from one atomic word, (generation << 32) | next task, so any thread
@@ -94,8 +94,7 @@ class Pool {
     }
   }
 
-  void worker(int id, uint64_t seen) {
-    (void)id;
+  void worker(uint64_t seen) {
     for (;;) {
       // Spin ~100 us for the next job before sleeping: decode issues one call per layer
       // back to back, and a futex wake costs more than a small GEMV.
