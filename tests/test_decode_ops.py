@@ -64,7 +64,8 @@ def test_silu_mul(rng):
 
 @pytest.mark.parametrize("hq,hkv,hd,rot,norms,pos", [(12, 2, 128, 128, False, 0), (12, 2, 128, 128, False, 37),
                                                      (6, 2, 24, 16, True, 5), (3, 3, 8, 8, True, 60),
-                                                     (4, 1, 40, 40, False, 299)])
+                                                     (4, 1, 40, 40, False, 299), (18, 1, 64, 64, False, 130),
+                                                     (14, 2, 128, 64, True, 401)])
 def test_attend_decode_matches_numpy(rng, hq, hkv, hd, rot, norms, pos):
     ctx = pos + 3
     kc = rng.standard_normal((hkv, ctx, hd)).astype(F32)
@@ -78,10 +79,18 @@ def test_attend_decode_matches_numpy(rng, hq, hkv, hd, rot, norms, pos):
     kc2, vc2 = kc.copy(), vc.copy()
     scale = float(F32(hd ** -0.5))
     want = _attend_np(q, k, v, kc2, vc2, pos, cos, sin, qn, kn, 1e-6, scale)
-    for threads in (1, 2):
+    # Work items are runs of query heads of one KV group, split to give every thread one (18
+    # heads on one group: more than one item holds, so the group is split even on one thread);
+    # the cache is walked in blocks of rows (several blocks from ~32 positions): each head's
+    # arithmetic is fixed, so any thread count gives the same bits.
+    first = None
+    for threads in (1, 2, 3, 4):
         kc1, vc1 = kc.copy(), vc.copy()
         got = _core.attend_decode(q, k, v, kc1, vc1, pos, cos, sin, qn, kn, 1e-6, scale, threads)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        if first is None:
+            first = got
+        np.testing.assert_array_equal(got, first)
         np.testing.assert_allclose(kc1, kc2, rtol=1e-5, atol=1e-6)  # the rotated key is cached
         np.testing.assert_array_equal(vc1, vc2)
         np.testing.assert_array_equal(kc1[:, pos + 1:], kc[:, pos + 1:])  # later slots untouched

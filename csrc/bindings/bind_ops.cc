@@ -28,6 +28,18 @@ const float* f32(const char* op, const char* name, const py::array& a, int64_t n
   return p;
 }
 
+// A KV cache: a writable C-contiguous float32 or float16 array of `n` elements; returns its data
+// and sets *f16 to which.
+void* kv_cache(const char* op, const char* name, const py::array& a, int64_t n, bool* f16) {
+  const bool is32 = a.dtype().is(py::dtype::of<float>()), is16 = a.dtype().is(py::dtype("float16"));
+  if (!is32 && !is16) fail(op, "expected ", name, " of dtype float32 or float16, got ", std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style)) fail(op, "expected a C-contiguous ", name);
+  if (!a.writeable()) fail(op, "expected a writable ", name, " (the token's K/V are stored there)");
+  if (a.size() != n) fail(op, "expected ", name, " with ", n, " elements, got shape ", shape_str(a));
+  *f16 = is16;
+  return const_cast<void*>(a.data());
+}
+
 const float* opt_f32(const char* op, const char* name, const std::optional<py::array>& a, int64_t n) {
   return a ? f32(op, name, *a, n) : nullptr;
 }
@@ -95,8 +107,12 @@ py::array_t<float> attend_decode(py::array q, py::array k, py::array v, py::arra
   a.q = f32(op, "q", q, a.hq * hd);
   a.k = f32(op, "k", k, hkv * hd);
   a.v = f32(op, "v", v, hkv * hd);
-  a.kc = const_cast<float*>(f32(op, "kc", kc, hkv * ctx * hd));
-  a.vc = const_cast<float*>(f32(op, "vc", vc, hkv * ctx * hd));
+  bool kf16 = false, vf16 = false;
+  a.kc = kv_cache(op, "kc", kc, hkv * ctx * hd, &kf16);
+  a.vc = kv_cache(op, "vc", vc, hkv * ctx * hd, &vf16);
+  if (kf16 != vf16) fail(op, "expected kc and vc of one dtype, got ", std::string(py::str(kc.dtype())), " and ",
+                         std::string(py::str(vc.dtype())));
+  a.kv_f16 = kf16;
   a.cos = f32(op, "cos", cos, rot);
   a.sin = f32(op, "sin", sin, rot);
   a.qn = opt_f32(op, "q_norm", q_norm, hd);
@@ -148,8 +164,12 @@ class DecodePlan {
       L.n2 = keep_f32(op, "n2", t[2].cast<py::array>(), m.d);
       L.qn = t[3].is_none() ? nullptr : keep_f32(op, "q_norm", t[3].cast<py::array>(), m.hd);
       L.kn = t[4].is_none() ? nullptr : keep_f32(op, "k_norm", t[4].cast<py::array>(), m.hd);
-      L.kc = cache(op, "kc", t[5].cast<py::array>());
-      L.vc = cache(op, "vc", t[6].cast<py::array>());
+      bool kf16 = false, vf16 = false;
+      L.kc = cache(op, "kc", t[5].cast<py::array>(), &kf16);
+      L.vc = cache(op, "vc", t[6].cast<py::array>(), &vf16);
+      if (kf16 != vf16 || (!m.layers.empty() && kf16 != m.kv_f16))
+        fail(op, "expected every layer's kc and vc of one dtype (float32 or float16)");
+      m.kv_f16 = kf16;
       m.layers.push_back(L);
     }
   }
@@ -183,11 +203,12 @@ class DecodePlan {
     return p;
   }
 
-  float* cache(const char* op, const char* name, const py::array& a) {
+  void* cache(const char* op, const char* name, const py::array& a, bool* f16) {
     if (a.ndim() != 3 || a.shape(0) != m_.hkv || a.shape(1) != m_.ctx || a.shape(2) != m_.hd)
       fail(op, "expected ", name, " of shape [", m_.hkv, ", ", m_.ctx, ", ", m_.hd, "], got ", shape_str(a));
-    if (!a.writeable()) fail(op, "expected a writable ", name);
-    return const_cast<float*>(keep_f32(op, name, a, a.size()));
+    void* p = kv_cache(op, name, a, a.size(), f16);
+    keep_.push_back(a);
+    return p;
   }
 
   // (blob uint8 [bytes], qtype, group, n, k, bias float32 [n] | None) of a packed W [n, k]

@@ -23,8 +23,9 @@ void silu_mul(const float* g, const float* u, int64_t n, float* out);
 // One query token against the KV cache, grouped-query attention.
 //   q      [hq * hd]   the token's query heads (rotated in a scratch copy, q is not modified)
 //   k, v   [hkv * hd]  the token's key / value heads
-//   kc, vc [hkv, ctx, hd] float32 caches; slot `pos` of every KV head receives the rotated key
-//          and the value, then every query head attends to slots [0, pos]
+//   kc, vc [hkv, ctx, hd] caches, float32 or (kv_f16) IEEE half bits as uint16_t; slot `pos` of
+//          every KV head receives the rotated key and the value (rounded to nearest even when
+//          half), then every query head attends to slots [0, pos] (computing in float32)
 //   cos, sin [rot]     RoPE factors of this token's position (frequencies repeated twice, as
 //          transformers builds them); rotate_half on the first `rot` dims of each head
 //   qn, kn [hd] or nullptr: Qwen3's per-head RMSNorm on q / k before RoPE (eps `eps`)
@@ -33,8 +34,8 @@ struct AttnDecodeArgs {
   const float* q;
   const float* k;
   const float* v;
-  float* kc;
-  float* vc;
+  void* kc;
+  void* vc;
   int64_t hq, hkv, hd, ctx, pos, rot;
   const float* cos;
   const float* sin;
@@ -43,6 +44,7 @@ struct AttnDecodeArgs {
   float eps;
   float scale;
   float* out;
+  bool kv_f16;  // kc / vc hold halves: half the bytes per position to store and to read each token
 };
 void attend_decode(const AttnDecodeArgs& a, int threads);
 

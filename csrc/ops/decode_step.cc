@@ -52,7 +52,7 @@ void decode_step(const StepModel& m, float* x, int64_t pos, const float* cos, co
     gemv(L.k, h, s.k.data(), m.isa, threads);
     gemv(L.v, h, s.v.data(), m.isa, threads);
     AttnDecodeArgs at{s.q.data(), s.k.data(), s.v.data(), L.kc, L.vc, m.hq, m.hkv, m.hd, m.ctx, pos, rot,
-                      cos, sin, L.qn, L.kn, m.eps, m.scale, s.a.data()};
+                      cos, sin, L.qn, L.kn, m.eps, m.scale, s.a.data(), m.kv_f16};
     attend_decode(at, threads);
     gemv(L.o, s.a.data(), s.t.data(), m.isa, threads);
     add_norm(x, s.t.data(), L.n2, d, m.eps, h);

@@ -27,8 +27,8 @@ struct StepLayer {
   const float* n2;  // [d] post-attention RMSNorm
   const float* qn;  // [hd] Qwen3 per-head q norm, or nullptr
   const float* kn;  // [hd] Qwen3 per-head k norm, or nullptr
-  float* kc;        // [hkv, ctx, hd] key cache (slot pos is written)
-  float* vc;        // [hkv, ctx, hd] value cache
+  void* kc;         // [hkv, ctx, hd] key cache, float32 or half bits (StepModel::kv_f16); slot pos is written
+  void* vc;         // [hkv, ctx, hd] value cache, same dtype
 };
 
 struct StepModel {
@@ -37,6 +37,7 @@ struct StepModel {
   int64_t d, hq, hkv, hd, ctx, inter;
   float eps, scale;  // RMSNorm eps; attention scale (hd^-0.5)
   Isa isa;           // kernel ISA of the GEMVs
+  bool kv_f16 = false;  // every layer's caches hold IEEE halves (uint16_t bits)
 };
 
 // x [d]: the token's embedding in, the residual stream after the last layer out.

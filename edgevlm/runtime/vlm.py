@@ -57,7 +57,7 @@ class Generation:
 class Runtime:
     """A generative VLM export (LLaVA, Qwen2-VL, Idefics3/SmolVLM): vision side + decoder."""
 
-    def __init__(self, f: Any, *, ctx: int | None = None, isa: str | None = None) -> None:
+    def __init__(self, f: Any, *, ctx: int | None = None, isa: str | None = None, kv_dtype: str = "f32") -> None:
         meta = f.metadata or {}
         self.file = f
         self.family: str = meta.get("family", "")
@@ -77,12 +77,17 @@ class Runtime:
         self.ctx = int(ctx) if ctx is not None else min(limit or DEFAULT_CTX, DEFAULT_CTX)
         if limit and self.ctx > limit:
             raise ValueError(f"ctx {self.ctx} exceeds the model's max_position_embeddings {limit}")
-        self.cache: KVCache = self.decoder.new_cache(self.ctx)  # preallocated once, reused per request
+        #: "f32" (default) or "f16": the KV cache's element type (Decoder.new_cache)
+        self.kv_dtype = kv_dtype
+        self.cache: KVCache = self.decoder.new_cache(self.ctx, kv_dtype)  # preallocated once, reused per request
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, ctx: int | None = None, threads: int | None = None,
-             isa: str | None = None, verify: bool = False, device: str = "cpu") -> Runtime:
+             isa: str | None = None, verify: bool = False, device: str = "cpu",
+             kv_dtype: str = "f32") -> Runtime:
         """mmap ``path`` and build the model (quantized weights stay in the mapping).
+        ``kv_dtype``: "f32" (default: exact keys/values) or "f16" (half the KV memory and
+        decode-attention reads).
 
         ``device="cuda"``: the packed linears run on the GPU (Triton kernels, needs the cuda extra;
         see runtime/cuda_linear.py), the rest of the forward pass stays numpy."""
@@ -97,7 +102,7 @@ class Runtime:
             set_num_threads(threads)
         f = fmt.open(path, verify=verify)
         try:
-            return cls(f, ctx=ctx, isa=isa)
+            return cls(f, ctx=ctx, isa=isa, kv_dtype=kv_dtype)
         except BaseException:
             f.close()
             raise
@@ -120,7 +125,7 @@ class Runtime:
         limit = self.decoder.max_positions
         if limit and ctx > limit:
             raise ValueError(f"ctx {ctx} exceeds the model's max_position_embeddings {limit}")
-        self.cache = self.decoder.new_cache(ctx)
+        self.cache = self.decoder.new_cache(ctx, self.kv_dtype)
         self.ctx = int(ctx)
 
     # -- prompt --------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ class Runtime:
 
     def logits(self, p: Prepared) -> np.ndarray:
         """Logits float32 [T, V] for every prompt position (a fresh cache; for tests and scoring)."""
-        cache = self.decoder.new_cache(p.input_ids.size)
+        cache = self.decoder.new_cache(p.input_ids.size, self.kv_dtype)
         return self.decoder.forward(self._embed(p), cache, p.positions, all_logits=True, deepstack=p.deepstack)
 
     # -- generation ----------------------------------------------------------------------------
