@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .layers import Embedding, Linear, get_activation, rms_norm, vector
+from .layers import Embedding, Linear, get_activation, rms_norm, silu, silu_, vector
 from .linear import QuantLinear
 from .moe import MoE
 
@@ -274,6 +274,7 @@ class Decoder:
         if t > 1:
             mask = np.arange(end)[None, :] > (start + np.arange(t))[:, None]  # [T, end] True = masked
         scale = F32(hd ** -0.5)
+        x = np.array(x, dtype=F32)  # the residual stream, updated in place (the caller's array is kept)
         for li, L in enumerate(self.layers):
             h = rms_norm(x, L.n1, self.eps)                                  # [T, D]
             q = L.q(h).reshape(t, hq, hd).transpose(1, 0, 2)                 # [Hq, T, hd]
@@ -288,20 +289,31 @@ class Decoder:
             kc[:, start:end] = k
             vc[:, start:end] = v
             qg = q.reshape(hkv, rep * t, hd)                                 # query heads grouped by kv head
-            s = np.matmul(qg, kc[:, :end].transpose(0, 2, 1))                # [Hkv, rep*T, end]
-            s *= scale
-            if mask is not None:
-                s = s.reshape(hkv, rep, t, end)
-                s[:, :, mask] = np.finfo(F32).min
-                s = s.reshape(hkv, rep * t, end)
-            s -= s.max(-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(-1, keepdims=True)
-            a = np.matmul(s, vc[:, :end])                                    # [Hkv, rep*T, hd]
+            a = np.empty((hkv, rep * t, hd), F32)                            # [Hkv, rep*T, hd]
+            for g in range(hkv):  # one kv head at a time: scores [rep*T, end], not Hkv times that
+                s = np.matmul(qg[g], kc[g, :end].T)                          # [rep*T, end]
+                s *= scale
+                if mask is not None:
+                    s.reshape(rep, t, end)[:, mask] = np.finfo(F32).min
+                s -= s.max(-1, keepdims=True)
+                np.exp(s, out=s)
+                s /= s.sum(-1, keepdims=True)
+                np.matmul(s, vc[g, :end], out=a[g])
+            del s
             a = a.reshape(hq, t, hd).transpose(1, 0, 2).reshape(t, hq * hd)
-            x = x + L.o(a)
+            x += L.o(a)
             h = rms_norm(x, L.n2, self.eps)
-            x = x + (L.moe(h) if L.moe is not None else L.down(self.act(L.gate(h)) * L.up(h)))
+            if L.moe is not None:
+                x += L.moe(h)
+            else:  # act(gate) * up with one [T, I] temporary besides the result (bitwise the same)
+                m = L.gate(h)
+                if self.act is silu:
+                    silu_(m)
+                else:
+                    m = self.act(m)
+                m *= L.up(h)
+                x += L.down(m)
+                del m
             if deepstack is not None and li < len(deepstack.features):
                 x[deepstack.mask] += deepstack.features[li]
         cache.length = end

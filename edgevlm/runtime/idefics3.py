@@ -32,7 +32,7 @@ import numpy as np
 
 from .dual import _Block
 from .idefics3_preprocess import Idefics3ImagePreprocessor, Idefics3Images
-from .layers import Linear, get_activation, layer_norm, vector
+from .layers import ENCODER_ROWS, Linear, encoder_layer_, get_activation, layer_norm_fast, to_f32, vector
 from .vlm_base import Prepared
 
 __all__ = ["Idefics3Vision", "bucket_position_ids", "image_prompt_string", "pixel_shuffle", "torch_arange_f32"]
@@ -111,6 +111,16 @@ def bucket_position_ids(patch_mask: np.ndarray, side: int) -> np.ndarray:
     return np.where(pm.reshape(f, h * w), ids, 0)
 
 
+def _raw(f: Any, key: str) -> tuple[np.ndarray, str]:
+    """(the file's view of raw float tensor ``key``, its qtype) for :func:`.layers.to_f32` at use."""
+    rec = f.records.get(key)
+    if rec is None:
+        raise ValueError(f"{getattr(f, 'path', 'file')}: missing tensor {key!r}")
+    if rec.quantized:
+        raise ValueError(f"{key}: expected a raw float tensor (f32/f16/bf16), found qtype {rec.qtype}")
+    return f[key], rec.qtype
+
+
 def pixel_shuffle(x: np.ndarray, scale: int) -> np.ndarray:
     """``Idefics3Connector.pixel_shuffle``: [F, S*S, D] -> [F, S*S / scale^2, D * scale^2]."""
     b, seq, d = x.shape
@@ -133,26 +143,33 @@ class Idefics3Vision:
     ``cls(f, config, isa)``: ``f`` an open EvlmFile, ``config`` the config.json dict, ``isa`` the
     quantized-linear kernel choice (None: fastest for this CPU; "ref": exact fp32 activations).
     ``batch_frames`` frames go through the tower at once: one frame's attention scores are
-    heads x patches^2 float32 (SmolVLM-256M: 12 x 1024^2 = 50 MB), so the default is 1."""
+    heads x patches^2 float32 (SmolVLM-256M: 12 x 1024^2 = 50 MB), so the default is 1.
+    ``rows``: MLP rows per block in each layer (:func:`.layers.encoder_layer_`)."""
 
     image_placeholder = IMAGE_TOKEN
 
-    def __init__(self, f: Any, config: dict, isa: str | None = None, *, batch_frames: int = 1) -> None:
+    def __init__(self, f: Any, config: dict, isa: str | None = None, *, batch_frames: int = 1,
+                 rows: int = ENCODER_ROWS) -> None:
         meta = getattr(f, "metadata", None) or {}
         self.file, self.isa, self.batch_frames = f, isa, max(1, int(batch_frames))
+        if int(rows) < 1:
+            raise ValueError(f"rows (MLP rows per encoder block) must be >= 1, got {rows}")
+        self.rows = int(rows)
         vc = {**_VISION_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
         self.patch = int(vc["patch_size"])
         self.side = int(vc["image_size"]) // self.patch         # S: the position grid is S x S
         self.scale = int(config.get("scale_factor", 2))
         self.heads = int(vc["num_attention_heads"])
         self.eps = float(vc["layer_norm_eps"])
-        w = vector(f, "vision.embed.patch.weight")              # [D, C, P, P]
-        self.dim, self.channels = int(w.shape[0]), int(w.shape[1])
-        self.patch_wt = np.ascontiguousarray(w.reshape(self.dim, -1).T)  # [C*P*P, D]
+        # The patch-conv weight and the position table stay file views (f16/bf16/f32), cast per
+        # encode: float32 copies would be anonymous memory (SmolVLM-256M: 5 MiB) held through
+        # the language model's phase, where Runtime.release_vision drops only file pages.
+        self._patch_raw = _raw(f, "vision.embed.patch.weight")  # [D, C, P, P]
+        self.dim, self.channels = int(self._patch_raw[0].shape[0]), int(self._patch_raw[0].shape[1])
         self.patch_b = vector(f, "vision.embed.patch.bias")     # [D]
-        self.pos = vector(f, "vision.embed.pos")                # [S*S, D]
-        if self.pos.shape[0] != self.side * self.side:
-            raise ValueError(f"vision.embed.pos has {self.pos.shape[0]} rows but vision_config image_size / "
+        self._pos_raw = _raw(f, "vision.embed.pos")             # [S*S, D]
+        if self._pos_raw[0].shape[0] != self.side * self.side:
+            raise ValueError(f"vision.embed.pos has {self._pos_raw[0].shape[0]} rows but vision_config image_size / "
                              f"patch_size gives a {self.side} x {self.side} grid; config and weights disagree")
         act = get_activation(vc["hidden_act"])
         self.blocks = []
@@ -211,14 +228,17 @@ class Idefics3Vision:
         p = self.patch
         gh, gw = h // p, w // p
         x = px[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5)
-        x = x.reshape(b, gh * gw, c * p * p) @ self.patch_wt    # [B, N, D] (conv, valid padding)
+        wt = np.ascontiguousarray(to_f32(*self._patch_raw).reshape(self.dim, -1).T)  # [C*P*P, D]
+        x = x.reshape(b, gh * gw, c * p * p) @ wt               # [B, N, D] (conv, valid padding)
+        del wt
         x += self.patch_b
         pm = self.patch_mask(pam)                               # [B, gh, gw]
-        x += self.pos[bucket_position_ids(pm, self.side)]      # [B, N, D]
+        pos, qtype = self._pos_raw
+        x += to_f32(pos[bucket_position_ids(pm, self.side)], qtype)  # [B, N, D]: rows gathered, then cast
         key_mask = None if pm.all() else pm.reshape(b, gh * gw)
-        for blk in self.blocks:
-            x = blk(x, key_mask=key_mask)
-        x = layer_norm(x, *self.post, self.eps)
+        for blk in self.blocks:  # in place; a layer's temporaries peak at ~4 x [B, N, D]
+            encoder_layer_(blk, x, key_mask=key_mask, rows=self.rows)
+        x = layer_norm_fast(x, *self.post, self.eps)
         return self.proj(pixel_shuffle(x, self.scale))          # [B, N / s^2, D_text]
 
     def preprocess(self, images: Any) -> Idefics3Images:

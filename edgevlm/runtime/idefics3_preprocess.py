@@ -172,38 +172,51 @@ class Idefics3ImagePreprocessor:
         frames.append(self._resize(img, m, m))  # the global image, from the multiple-of-M image
         return frames, rows, cols
 
-    def normalize(self, frame: np.ndarray) -> np.ndarray:
-        """uint8 [h, w, C] -> float32 [C, h, w] (rescale in float64, normalize in float32)."""
-        x = np.moveaxis(frame, -1, 0)
+    def _lut(self, channels: int) -> np.ndarray:
+        """float32 [C, 256]: step 4's value of every uint8 level per channel.  Rescale and
+        normalize are elementwise functions of the uint8 value, so a lookup table computed with
+        the same operations (rescale in float64, normalize in float32) gives the same bits as
+        running them on the frame, without the frame-sized float64/float32 temporaries."""
+        x = np.arange(256, dtype=np.uint8)[None, :].repeat(channels, 0)       # [C, 256]
         if self.do_rescale:
             x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = x.astype(np.float32)
         if self.do_normalize:
-            x = x.astype(np.float32, copy=False)
-            c = x.shape[0]
-            x = (x - self.image_mean[:c, None, None]) / self.image_std[:c, None, None]
+            x = (x - self.image_mean[:channels, None]) / self.image_std[:channels, None]
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def normalize(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 [h, w, C] -> float32 [C, h, w] (rescale in float64, normalize in float32), written
+        into ``out`` (float32 [C, h, w], any strides) when given."""
+        h, w, c = frame.shape
+        if out is None:
+            out = np.empty((c, h, w), dtype=np.float32)
+        lut = self._lut(c)
+        for ch in range(c):  # mode="clip": uint8 indices are always in range, and it skips a buffered copy
+            np.take(lut[ch], frame[:, :, ch], out=out[ch], mode="clip")
+        return out
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Idefics3Images:
         batch = [images] if _is_single(images) else list(images)
         if not batch:
             raise ValueError("no images given")
         frames, rows, cols, counts = [], [], [], []
-        for im in batch:
+        for im in batch:  # uint8 frames (tiles are views of the resized image), normalized below
             f, r, c = self.frames_of(im)
-            frames += [self.normalize(x) for x in f]
+            frames += f
             rows.append(r)
             cols.append(c)
             counts.append(len(f))
-        hmax, wmax = max(x.shape[1] for x in frames), max(x.shape[2] for x in frames)
-        if not self.do_pad and any(x.shape[1:] != (hmax, wmax) for x in frames):
+        hmax, wmax = max(x.shape[0] for x in frames), max(x.shape[1] for x in frames)
+        if not self.do_pad and any(x.shape[:2] != (hmax, wmax) for x in frames):
             raise ValueError(f"do_pad is off but the frames have different sizes "
-                             f"{sorted({x.shape[1:] for x in frames})}; they cannot be batched")
-        nch = frames[0].shape[0]
+                             f"{sorted({x.shape[:2] for x in frames})}; they cannot be batched")
+        nch = frames[0].shape[2]
         pv = np.zeros((len(frames), nch, hmax, wmax), dtype=np.float32)
         mask = np.zeros((len(frames), hmax, wmax), dtype=np.int64)
-        for i, x in enumerate(frames):
-            pv[i, :, :x.shape[1], :x.shape[2]] = x
-            mask[i, :x.shape[1], :x.shape[2]] = 1
+        for i, x in enumerate(frames):  # straight into the batch: no per-frame float copies
+            self.normalize(x, out=pv[i, :, :x.shape[0], :x.shape[1]])
+            mask[i, :x.shape[0], :x.shape[1]] = 1
         return Idefics3Images(pv, mask, tuple(rows), tuple(cols), tuple(counts))
 
     def __repr__(self) -> str:

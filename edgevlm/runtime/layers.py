@@ -21,9 +21,10 @@ import numpy as np
 from .. import qtypes
 from .linear import QuantLinear, _core
 
-__all__ = ["ACTIVATIONS", "Embedding", "Linear", "activate_", "attention", "attention_fast", "erf", "gelu",
+__all__ = ["ACTIVATIONS", "ENCODER_ROWS", "Embedding", "Linear", "activate_", "attention", "attention_fast",
+           "encoder_layer_", "erf", "gelu",
            "gelu_tanh", "get_activation", "layer_norm", "layer_norm_fast", "quick_gelu", "rms_norm", "sigmoid",
-           "silu", "softmax", "to_f32", "vector"]
+           "silu", "silu_", "softmax", "to_f32", "vector"]
 
 F32 = np.float32
 
@@ -128,6 +129,17 @@ def silu(x: np.ndarray) -> np.ndarray:
     """SiLU / swish: x * sigmoid(x).  [...] -> [...]"""
     x = np.asarray(x, dtype=F32)
     return x * sigmoid(x)
+
+
+def silu_(x: np.ndarray) -> np.ndarray:
+    """:func:`silu` in place on a writable float32 array (returned), with one temporary instead of
+    three and the same operations, so bitwise the same result."""
+    s = F32(0.5) * x
+    np.tanh(s, out=s)
+    s += F32(1.0)
+    s *= F32(0.5)                                   # sigmoid(x)
+    x *= s
+    return x
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -275,6 +287,46 @@ def attention_fast(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int, *,
     km = None if key_mask is None else np.ascontiguousarray(np.asarray(key_mask).reshape(b, k.shape[1]) != 0)
     qp = None if q_pos is None else np.ascontiguousarray(np.asarray(q_pos, dtype=np.int64).reshape(b, tq))
     return op(q, k, v, n_heads, scale=None if scale is None else float(scale), causal=causal, key_mask=km, q_pos=qp)
+
+
+#: MLP rows per block in :func:`encoder_layer_`.  SigLIP at 1024 patches: the [rows, 3072]
+#: intermediate is 6 MiB instead of 12.  Smaller blocks cost speed: the quantized GEMM unpacks
+#: each weight block once per call, amortised over fewer rows (256 rows: ~+10% CPU time in fc1,
+#: measured with the avx512vnni kernels; 512: a SmolVLM-256M frame's encode within the noise of
+#: the unblocked layer).  Attention is not split by query rows for the same reason: the C++ op
+#: repacks K and V per call (256-row blocks: +45% CPU time in attention).
+ENCODER_ROWS = 512
+
+
+def encoder_layer_(layer: Any, x: np.ndarray, *, key_mask: np.ndarray | None = None,
+                   rows: int = ENCODER_ROWS) -> np.ndarray:
+    """One pre-LN encoder layer (CLIP / SigLIP: ``x += o(attn(n1 x)); x += fc2(act(fc1(n2 x)))``)
+    computed in place on x float32 [B, T, D] (C-contiguous, writable; returned), holding as few
+    [B, T, *] temporaries at once as the math allows: attention peaks at x + 4 x [B, T, D]
+    (LN1 output, then q, k, v; attention output), the MLP runs ``rows`` rows of the flattened
+    [B*T, D] at a time (its [rows, 4D] intermediate is the largest temporary).  Every row's
+    arithmetic is the unblocked layer's (row-wise ops), so results equal
+    :class:`edgevlm.runtime.dual._Block`'s up to the GEMM kernels' choice of path by row count.
+    ``layer``: the fields of ``_Block`` (n1w, n1b, q, k, v, o, n2w, n2b, fc1, fc2, heads, eps,
+    act); ``key_mask`` [B, T] nonzero = attend (padding keys)."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    if x.dtype != F32 or x.ndim != 3 or not (x.flags.c_contiguous and x.flags.writeable):
+        raise ValueError(f"encoder_layer_ updates x in place: expected a writable C-contiguous float32 [B, T, D], "
+                         f"got {x.dtype} {x.shape}")
+    b, t, d = x.shape
+    h = layer_norm_fast(x, layer.n1w, layer.n1b, layer.eps)              # [B, T, D]
+    q, k, v = layer.q(h), layer.k(h), layer.v(h)                         # [B, T, D] each
+    del h
+    a = attention_fast(q, k, v, layer.heads, key_mask=key_mask)          # [B, T, D]
+    del q, k, v
+    x += layer.o(a)
+    del a
+    flat = x.reshape(b * t, d)
+    for r0 in range(0, b * t, rows):
+        xr = flat[r0:r0 + rows]                                          # [rows, D] view of x
+        xr += layer.fc2(activate_(layer.act, layer.fc1(layer_norm_fast(xr, layer.n2w, layer.n2b, layer.eps))))
+    return x
 
 
 # ---------------------------------------------------------------------- weights from a file
