@@ -102,6 +102,10 @@ def _export_parser(sub) -> None:
     s.add_argument("--head-bits", type=int, choices=BITS, default=None,
                    help="width of a generative model's LM head, tied or not (default: the language model's "
                         "width, at least 4)")
+    s.add_argument("--embed-bits", type=int, choices=(8, 16), default=None,
+                   help="width of token-embedding tables, lookups only (default: 16 in 8-bit and float16 "
+                        "exports, else the text width, at least 8; a table a tied LM head shares stays at "
+                        "the head's width, at least 8, so it is stored once)")
     s.add_argument("--group", type=int, choices=(32, 64, 128), default=d.group, help="quantization group size")
     s.add_argument("--calib", default=None,
                    help="calibration data: folder of images (+ captions.jsonl, sentences.txt), .jsonl or .txt "
@@ -190,6 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(method=args.method, bits=args.bits, text_bits=args.text_bits, group=args.group,
                        head_bits=args.head_bits,
+                       embed_bits=args.embed_bits,
                        calib=args.calib, n_calib=args.n_calib, budget_bits=args.budget_bits,
                        budget_mb=args.budget_mb, keep_frac=args.keep_frac, keep_bits=args.keep_bits,
                        clip_search=args.clip_search, act_order=args.act_order, damp=args.damp,

@@ -5,34 +5,41 @@ runtime (its own preprocessing and tokenizer on the golden's raw images and text
 golden's pixel_values fed directly) have cosine >= 0.9999 with transformers fp32 (measured
 >= 0.9999996).
 
-Quantized files: the runtime is checked two ways.
+Quantized files: the runtime is checked two ways.  "8-bit" is ``method="gptq", bits=8`` with the
+default ``embed_bits`` (token table float16 in 8-bit exports; ``edgevlm export --bits 8``, whose
+default method shq is GPTQ at 8 bits, writes the same weights); 4/3/2-bit are ``method="rtn"``.
 
 * Against transformers running the *file's own* weights (the exporter's fake-quant values
   loaded into the HF model): with the reference kernels (``isa="ref"``, exact fp32 activations)
   cosine >= 0.99999 and max |diff| <= 1e-5 at every width (measured cosine 1.0, max |diff|
   <= 3e-7): the runtime computes exactly what the file holds.  With the default SIMD kernels,
-  which quantize activations to int8 per group, cosine >= 0.9995 (measured >= 0.99988).
+  which quantize activations to int8 per group, cosine >= 0.9995 at 4/3/2 bits (measured
+  >= 0.99980) and >= 0.99999 at 8 bits, whose q8 linears add the residual pass (measured
+  1 - 1e-7, max |diff| <= 2.5e-5).
 * Against transformers fp32 (quantization error included), documented bounds = the minimum
-  over the golden's 3 images / 3 texts, default kernels, measured on x86-64 AVX2:
+  over the golden's 3 images / 3 texts, default kernels, measured on x86-64 (avx512vnni; avx2
+  the same to 5 digits):
 
       family  bits   image cos (bound / measured)   text cos (bound / measured)
-      clip      8      0.9995 / 0.99997               0.998 / 0.99965
+      clip      8      0.9999 / 0.99997               0.9999 / 0.99994
       clip      4      0.98   / 0.9958                0.85  / 0.9567
       clip      3      0.95   / 0.9874                0.50  / 0.8058
       clip      2      0.60   / 0.8672                0.0   / 0.3184
-      siglip    8      0.9995 / 0.99994               0.998 / 0.99979
+      siglip    8      0.9999 / 0.99996               0.9999 / 0.99996
       siglip    4      0.95   / 0.9864                0.95  / 0.9894
       siglip    3      0.88   / 0.9629                0.80  / 0.9336
       siglip    2      0.50   / 0.7901                0.40  / 0.7570
 
-  8-bit text stays below 0.9999 because of the weights, not the runtime: with exact activations
-  (``isa="ref"``) CLIP text is 0.99977, identical to transformers on the fake-quant weights.
-  Where it goes (session 7, transformers with one text tensor fake-quantized at a time, 1 - cos):
-  embed.tok 5.7e-5, block 0 v/o/fc1/fc2 2.6-4.7e-5 each, block 1 1.1-1.8e-5 each, q/k <= 1.3e-6:
-  ~0.5 % relative RTN error per tensor (int8 absmax on Gaussian weights), summed over the path.
-  The group size does not matter (g32 0.99978, g128 0.99977); GPTQ-8 gives 0.99988 (ref). The
-  default kernels' int8 activations add the rest (CLIP 0.99977 -> 0.99965; SigLIP 0.99994 ->
-  0.99979, so for SigLIP text they are the whole shortfall).
+  8-bit reaches the issue's 0.9999 through two changes (session 8; before: RTN, q8 table,
+  one-pass kernels, CLIP text 0.99965, SigLIP text 0.99979).  (1) The kernels: int8 activations
+  cost CLIP text 0.99977 -> 0.99965 and SigLIP 0.99994 -> 0.99979; for q8 weights linear.cc now
+  adds a second pass over the activations' residual (csrc/kernels/kernels.h), so the default
+  kernels equal the exact-activation reference to ~1e-6 (CLIP GPTQ-8 text 0.99975 one-pass ->
+  0.99994).  (2) CLIP's weights: RTN-8 alone stops at 0.99977 (~0.5 % relative int8 absmax
+  error per tensor, summed over the path; group 32 or 128 alike), GPTQ-8 at 0.99988, a float16
+  token table with RTN-8 at 0.99979; GPTQ-8 and the float16 table together give 0.99994 (n_calib
+  32: 0.99993; SigLIP 0.99996).  4/3/2-bit files hold no q8 linear (their q8 token table is a
+  lookup), so their numbers did not move.
 """
 
 from __future__ import annotations
@@ -62,8 +69,8 @@ BITS = (16, 8, 4, 3, 2)
 FAMILIES = ("clip", "siglip")
 # (family, bits) -> (image cosine bound, text cosine bound) vs transformers fp32: see the module docstring
 BOUNDS = {
-    ("clip", 8): (0.9995, 0.998), ("clip", 4): (0.98, 0.85), ("clip", 3): (0.95, 0.50), ("clip", 2): (0.60, 0.0),
-    ("siglip", 8): (0.9995, 0.998), ("siglip", 4): (0.95, 0.95), ("siglip", 3): (0.88, 0.80),
+    ("clip", 8): (0.9999, 0.9999), ("clip", 4): (0.98, 0.85), ("clip", 3): (0.95, 0.50), ("clip", 2): (0.60, 0.0),
+    ("siglip", 8): (0.9999, 0.9999), ("siglip", 4): (0.95, 0.95), ("siglip", 3): (0.88, 0.80),
     ("siglip", 2): (0.50, 0.40),
 }
 
@@ -103,7 +110,8 @@ def models(tmp_path_factory) -> dict[str, _Model]:
         files, fake = {}, {}
         for bits in BITS:
             p = root / f"{fam}_{bits}.evlm"
-            rep = run_export(src, p, ExportConfig(method="rtn", bits=bits, n_calib=8, progress=False),
+            method = "gptq" if bits == 8 else "rtn"  # 8-bit: the 0.9999 parity export (module docstring)
+            rep = run_export(src, p, ExportConfig(method=method, bits=bits, n_calib=8, progress=False),
                              keep_fake_quant=bits < 16, log=lambda s: None)
             files[bits], fake[bits] = p, rep.fake_quant
         out[fam] = _Model(fam, src, golden, files, fake)
@@ -313,8 +321,9 @@ def test_quantized_runtime_computes_what_the_file_holds(models, family, bits):
         assert _cos(got, ref).min() >= 0.99999, _cos(got, ref)
         assert np.abs(got - ref).max() <= 1e-5
     fast = load_dual(m.files[bits])  # default ISA: int8 activations on SIMD kernels
-    assert _cos(fast.encode_pixels(m.golden["pixel_values"]), ref_img).min() >= 0.9995
-    assert _cos(fast.encode_text(m.texts), ref_txt).min() >= 0.9995
+    bound = 0.99999 if bits == 8 else 0.9995  # q8 linears: two passes, ~15-bit activations (kernels.h)
+    assert _cos(fast.encode_pixels(m.golden["pixel_values"]), ref_img).min() >= bound
+    assert _cos(fast.encode_text(m.texts), ref_txt).min() >= bound
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])

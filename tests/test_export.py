@@ -215,6 +215,35 @@ def test_llava_hub_layout_and_tied_head(tmp_path):
         assert "lm_head.weight" not in f and f.records["text.embed.tok"].qtype == "q8"
 
 
+def test_embed_bits_default_and_override(tmp_path, clip_dir, capsys):
+    """Token tables: float16 by default in 8-bit exports (a lookup; its 8-bit rounding alone costs
+    tiny-CLIP text the 0.9999 parity bar), q8 below 8 bits and with --embed-bits 8; a table a tied
+    LM head shares stays q8 at 8 bits (stored once and read as the head, as the tied-head test
+    above checks) unless asked for 16, which stores the 8-bit head apart."""
+    def tok(path):
+        with fmt.open(path) as f:
+            return f.records["text.embed.tok"].qtype, f.metadata["quantization"]["embed_bits"]
+
+    assert tok(_export(clip_dir, tmp_path / "d8.evlm", method="rtn", bits=8).path) == ("f16", 16)
+    assert tok(_export(clip_dir, tmp_path / "d4.evlm", method="rtn", bits=4).path) == ("q8", 8)
+    assert tok(_export(clip_dir, tmp_path / "s4.evlm", method="shq", bits=4, n_calib=4).path) == ("q8", 8)
+    out = tmp_path / "e8.evlm"
+    assert cli_main(["export", str(clip_dir), "-o", str(out), "--method", "rtn", "--bits", "8", "--embed-bits", "8",
+                     "--n-calib", "4", "--quiet"]) == 0
+    assert tok(out) == ("q8", 8)
+    capsys.readouterr()
+    t = _export(hf_tiny.make_llava(tmp_path / "t", vision="siglip", text="qwen2", tie=True), tmp_path / "t16.evlm",
+                method="rtn", bits=8, embed_bits=16)
+    with fmt.open(t.path) as f:
+        head, table = f.records["lm_head.weight"], f.records["text.embed.tok"]
+        assert (head.qtype, table.qtype) == ("q8", "f16") and head.extra["src"] == table.extra["src"]
+        assert f.metadata["quantization"]["embed_bits"] == 16
+    with pytest.raises(ValueError, match="embed_bits must be one of 8, 16, got 4"):
+        ExportConfig(embed_bits=4)
+    with pytest.raises(ValueError, match="speedq fixes the embedding table"):
+        ExportConfig(method="speedq", bits=2, embed_bits=8)
+
+
 def test_cli_export_and_info(tmp_path, clip_dir, capsys):
     out = tmp_path / "c.evlm"
     rc = cli_main(["export", str(clip_dir), "-o", str(out), "--method", "gptq", "--bits", "3", "--n-calib", "4",

@@ -108,6 +108,14 @@ class ExportConfig:
     head_bits   width of a generative model's LM head (tied or not); None = max(text width, 4).
                 A 2/3-bit head saves its share of every decode step's weight reads (0.12 of a
                 2-bit Qwen2-VL-2B's) at a quality cost the 4-bit default avoids.
+    embed_bits  width of token-embedding tables (8 or 16; lookups, never a matmul, and the runtime
+                pages in only the rows it reads).  None = 16 in 8-bit and float16 exports (``bits``
+                and the table's tower both >= 8: tiny-CLIP GPTQ-8 text cosine vs fp32 is 0.99988
+                with a q8 table, 0.99994 with float16, the issue's parity bar 0.9999), else the
+                tower's width, at least 8 (SHQ's 8-bit text under 4-bit vision keeps a q8 table).
+                A table that a tied LM head shares stays at max(8, head width) by default, so that
+                it is stored once: at 16 bits the narrower head would need its own copy
+                (export.pipeline._without_redundant_ties).
     group       quantization group size along the input features (32, 64, 128).  A tensor whose
                 in-features are not a multiple of ``group`` uses the largest group that divides
                 them, or stays float16 when none does (both recorded in the file).
@@ -177,6 +185,7 @@ class ExportConfig:
     bits: int = 4
     text_bits: int | None = None
     head_bits: int | None = None
+    embed_bits: int | None = None
     group: int = 128
     calib: str | None = None
     n_calib: int = 32
@@ -226,6 +235,11 @@ class ExportConfig:
             _check_choice("text_bits", self.text_bits, BITS)
         if self.head_bits is not None:
             _check_choice("head_bits", self.head_bits, BITS)
+        if self.embed_bits is not None:
+            _check_choice("embed_bits", self.embed_bits, (8, 16))
+            if self.method is Method.SPEEDQ:
+                raise ValueError(f"method=speedq fixes the embedding table's width (4-bit, frozen): embed_bits "
+                                 f"must be unset, got {self.embed_bits!r}")
         _check_choice("group", self.group, GROUP_SIZES)
         _check_choice("keep_bits", self.keep_bits, (8, 16))
         if self.calib is not None:
@@ -375,9 +389,18 @@ class ExportConfig:
             return self.text_bits
         return 8 if self.method is Method.SHQ and self.bits < 8 else self.bits
 
+    def embed_width(self, tower_bits: int) -> int:
+        """Width of a token-embedding table whose tower is exported at ``tower_bits`` (see
+        ``embed_bits``; a tied LM head's table is resolved by export.pipeline before this)."""
+        if self.embed_bits is not None:
+            return self.embed_bits
+        return 16 if min(self.bits, tower_bits) >= 8 else max(tower_bits, 8)
+
     def to_json(self) -> dict:
         """The settings as recorded in the file's metadata."""
         return {"method": self.method.value, "bits": self.bits, "text_bits": self.effective_text_bits,
+                **({"embed_bits": self.embed_width(self.effective_text_bits)}
+                   if self.method is not Method.SPEEDQ else {}),
                 "group": self.group, "calib": self.calib or "built-in", "n_calib": self.n_calib,
                 "budget_bits": self.budget_bits, "budget_mb": self.budget_mb, "keep_frac": self.keep_frac,
                 "keep_bits": self.keep_bits, "clip_search": self.effective_clip_search, "act_order": self.act_order,

@@ -10,6 +10,7 @@ is deleted whatever happens.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -131,7 +132,9 @@ def plan_target(m: Mapped, cfg: ExportConfig) -> Target:
     if e.kind is Kind.DENSE:
         return Target("f16", 16, 0)
     tower_bits = cfg.effective_text_bits if e.tower == "text" else cfg.bits
-    bits = max(tower_bits, e.min_bits, 8 if e.kind is Kind.EMBED else 0)
+    bits = max(tower_bits, e.min_bits)
+    if e.kind is Kind.EMBED:   # lookup tables: ExportConfig.embed_bits (never below the entry's minimum)
+        bits = max(cfg.embed_width(tower_bits), e.min_bits)
     if e.key == "lm_head.weight" and cfg.head_bits is not None:   # the user's choice beats min_bits
         bits = cfg.head_bits
     if bits >= 16:
@@ -157,6 +160,19 @@ def _without_redundant_ties(mapped: list[Mapped], cfg: ExportConfig) -> list[Map
             continue
         keep.append(m)
     return keep
+
+
+def _tied_embed_bits(mapped: list[Mapped], cfg: ExportConfig) -> ExportConfig:
+    """cfg with embed_bits resolved for a token table that a tied LM head shares: max(8, head
+    width) when the default would be wider, so the table is stored once and read as the head (a
+    16-bit table would add the head's own copy).  Unchanged with an explicit embed_bits."""
+    if cfg.embed_bits is not None or cfg.method is Method.SPEEDQ:
+        return cfg
+    tables = {m.ckpt: plan_target(m, cfg).bits for m in mapped if m.entry.kind is Kind.EMBED}
+    heads = [plan_target(m, cfg).bits for m in mapped if m.entry.tied_from is not None and m.ckpt in tables]
+    if heads and max(8, min(heads)) < max(tables.values()):
+        return dataclasses.replace(cfg, embed_bits=max(8, min(heads)))
+    return cfg
 
 
 def _shq_candidate(m: Mapped, cfg: ExportConfig, low: Target) -> Target | None:
@@ -445,6 +461,7 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
     source = open_source(src)
     out = _check_out(Path(out), source.path)
     mapped, dropped = resolve(source.family, source.shapes())
+    cfg = _tied_embed_bits(mapped, cfg)
     mapped = _without_redundant_ties(mapped, cfg)
     n_params = sum(int(np.prod(m.shape, dtype=np.int64)) for m in mapped)
     budget = _budget_bytes(cfg, n_params)
