@@ -178,6 +178,44 @@ def test_token_weights_reach_the_loss():
         ScaleSearch(_fq, token_weight=lambda g, b: torch.ones(3)).run("blk", _clip_block_with_outliers(1)[0], batches)
 
 
+def test_moe_search_scores_the_quantizer_that_stores_the_experts(tmp_path):
+    """With ``clip_quant`` (the exporter's RTN + clip search, which stores the RTN methods'
+    weights) the MoE experts' search picks (r, clip) by its own objective, the expert-output error:
+    what is stored then scores the least of all candidates, in particular <= plain RTN (r = 0),
+    <= RTN with the clip search alone and <= the old pipeline (best r for plain RTN, then stored
+    with the unchecked clip search: on trained-moe W3 that doubled the experts' output error)."""
+    import copy
+
+    import hf_tiny_qwen3vlmoe as h3
+
+    from edgevlm.export.awq import MOE_LAYOUTS
+
+    src = h3.make_qwen3vlmoe(tmp_path / "hf", mlp_only_layers=(2,))
+    model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
+    blk = model.model.language_model.layers[0]
+    x = torch.randn(4, 24, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.2, 3.0, 64)
+    emb = model.model.language_model.rotary_emb(x[:2], torch.arange(24)[None].expand(2, 24))
+    batches = [Batch(x[i:i + 2], (), {"position_embeddings": emb, "attention_mask": None}, None) for i in (0, 2)]
+
+    def clip_q(c: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return rtn(w, "q3", 32, clip_search=True, h_diag=h).deq
+
+    grp = MOE_LAYOUTS[0].groups[2]
+    ss = ScaleSearch(_fq, clip_quant=clip_q)
+    unscaled = copy.deepcopy(blk)   # run() folds the exact qkv scales first: the MoE input is unchanged
+    obj = ss.expert_objective("blk", unscaled, grp, batches)
+    grid = {r: s for _, r, s in ss._grid(ss._act_mean(unscaled, grp, batches))}
+    folded = {f.group: f for f in ss.run("blk", blk, batches)}
+    assert {"qkv", "experts"} <= set(folded) and all(f.clip is not None for f in folded.values())
+    f = folded["experts"]
+    stored = obj(grid[f.ratio], f.clip)
+    best = min(obj(s, clip) for s in grid.values() for clip in (False, True))
+    s_old = min(grid.values(), key=lambda s: obj(s))                # the old search: plain RTN only
+    # float32 RTN of inputs equal up to rounding (the exact qkv fold): relative 1e-6 slack
+    assert stored <= best * (1 + 1e-6) and abs(stored - f.loss) <= 1e-6 * f.loss
+    assert stored <= min(obj(grid[0.0], False), obj(grid[0.0], True), obj(s_old, True)) * (1 + 1e-6)
+
+
 def test_config_validation():
     assert ExportConfig(method="awq").effective_awq and ExportConfig(method="awq").effective_clip_search
     assert not ExportConfig(method="gptq").effective_awq and ExportConfig(method="gptq", awq=True).effective_awq
@@ -204,16 +242,18 @@ def test_export_round_trip(kind, method, bits, tmp_path):
     rep = run_export(src, tmp_path / "m.evlm", cfg, keep_fake_quant=True, log=lambda s: None)
     scaled = [r.key for r in rep.rows if r.method.startswith("awq+")]
     assert scaled, [r.method for r in rep.rows]
-    want = "awq+gptq+clip+refit" if refit else "awq+rtn+clip"
-    assert {r.method for r in rep.rows if r.key in scaled} == {want}
+    want = {"awq+gptq+clip+refit"} if refit else {"awq+rtn+clip", "awq+rtn"}   # rtn: the search picks the clip
+    assert {r.method for r in rep.rows if r.key in scaled} <= want
     with fmt.open(rep.path) as f:
         assert f.metadata["quantization"]["awq"] is True
         for name, rec in f.records.items():
             if name == "tokenizer.json":
                 continue
             assert np.array_equal(record_f32(f, name), rep.fake_quant[name]), name
-            if name in scaled:
-                assert 0 < rec.extra["awq"]["ratio"] < 1
+            if name in scaled:   # ratio 0: searched, not scaled (its clip choice is recorded)
+                assert 0 <= rec.extra["awq"]["ratio"] < 1
+                if "clip" in rec.extra["awq"]:
+                    assert rec.extra["awq"]["clip"] == rec.extra["method"].endswith("+clip")
     model = load_into_model(rep.path, src)
     ref = getattr(transformers, "BertModel" if kind == "bert" else "CLIPModel").from_pretrained(src).eval()
     if kind == "bert":

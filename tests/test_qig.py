@@ -110,10 +110,10 @@ def test_qig_weighted_objective_is_at_most_awq_uniform_and_changes_the_scales():
         torch.testing.assert_close(w.mean(1), torch.ones(w.shape[0]))
     ss = ScaleSearch(_fq)
     ref = [call_block(blk, b.hidden, b.args, b.kwargs) for b in batches]
-    a = ss._act_mean(blk, g, batches)
+    a, h = ss._act_stats(blk, g, batches)
     uniform = [torch.ones(r.shape[:-1]) for r in ref]
-    s_awq, r_awq, *_ = ss._search(blk, g, canon, a, batches, ref, uniform)
-    s_qig, r_qig, loss_qig, _ = ss._search(blk, g, canon, a, batches, ref, w_qig)
+    s_awq, r_awq, *_ = ss._search(blk, g, canon, a, h, batches, ref, uniform)
+    s_qig, r_qig, loss_qig, *_ = ss._search(blk, g, canon, a, h, batches, ref, w_qig)
     assert r_qig != r_awq, (r_qig, r_awq)            # the token weights move the solution
     mods = [blk.get_submodule(n) for n in g.linears]
     keep = [m.weight.data for m in mods]

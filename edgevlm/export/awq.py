@@ -6,6 +6,12 @@ a grid in [0, 1), s = a^r / sqrt(max(a^r) min(a^r)).  Each candidate replaces th
 weights by Q(W diag(s)) diag(s)^-1 (the model is otherwise full precision) and measures the
 token-weighted squared error of the *block output* against the full-precision block; r = 0
 (s = 1, plain quantization) comes first and ties keep it, so the chosen s never raises that loss.
+With ``clip_quant`` (the exporter's RTN + clipping search, which stores the weights of the RTN
+methods) every r is also scored with that quantizer and the pair (r, clip) with the least loss
+wins, reported as :attr:`Folded.clip`: the clip search's criterion (diag(H)-weighted weight error
+per group) ignores how the errors add up downstream (through act(gate) * up and down a shrunk
+range shrinks every unit's output together), so unchecked it can raise the very loss the scale
+was searched on (trained-moe W3: expert-output error x2).
 The winner is folded in exactly: W <- W diag(s) for the group's linears and the producing op's
 output channels are divided by s (norm weight and bias, or the previous linear's rows and bias).
 The quantizer (RTN or GPTQ) then sees the scaled weights; the file holds scaled weights and
@@ -191,6 +197,7 @@ class Folded:
     loss: float
     loss_plain: float
     changed: tuple[str, ...]      # canonical parameter names (norm / bias vectors)
+    clip: bool | None = None      # with clip_quant: store with the clip search (True) or plain RTN
 
 
 # fake_quant(canonical weight name, W [N, K] float32) -> what the file would hold, or None if
@@ -206,6 +213,9 @@ GroupWeight = Callable[[str, nn.Module, ScaleGroup, Sequence], "list[torch.Tenso
 ExpertWeight = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
 # act_quant(x [..., K]) -> x as the kernels quantize it (W4A8: int8 per token and group), float32.
 ActQuant = Callable[[torch.Tensor], torch.Tensor]
+# clip_quant(canonical name, W [N, K] float32, h_diag [K] float64 = mean x^2 of W's input) -> the
+# weight as the exporter stores it with the clipping search (quantize.rtn(clip_search=True)), or None.
+ClipQuant = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 class ScaleSearch:
@@ -213,15 +223,18 @@ class ScaleSearch:
 
     ``act_quant``: the candidates are scored with the group's input activations quantized too,
     as y = A(x / s) Q(W s)ᵀ (the W4A8 runtime), instead of x (Q(W s) / s)ᵀ.  ``image_masks`` (set
-    by the MoE calibrator, one bool [B, T] per batch) tell ``expert_weight`` each token's modality."""
+    by the MoE calibrator, one bool [B, T] per batch) tell ``expert_weight`` each token's modality.
+    ``clip_quant``: also score every r with the clip-searched quantizer (module docstring); then
+    every searched group is reported (ratio 0 = not scaled) so the caller knows its clip choice."""
 
     def __init__(self, fake_quant: FakeQuant, *, n_grid: int = 20, token_weight: TokenWeight | None = None,
                  group_weight: GroupWeight | None = None, expert_weight: ExpertWeight | None = None,
-                 act_quant: ActQuant | None = None) -> None:
+                 act_quant: ActQuant | None = None, clip_quant: ClipQuant | None = None) -> None:
         if not (isinstance(n_grid, int) and n_grid >= 2):
             raise ValueError(f"[ScaleSearch] expected n_grid an integer >= 2, got {n_grid!r}")
         self.fake_quant, self.n_grid, self.token_weight = fake_quant, n_grid, token_weight
         self.group_weight, self.expert_weight, self.act_quant = group_weight, expert_weight, act_quant
+        self.clip_quant = clip_quant
         self.image_masks: list[torch.Tensor] | None = None
 
     def run(self, path: str, block: nn.Module, batches: Sequence) -> list[Folded]:
@@ -242,7 +255,7 @@ class ScaleSearch:
             canon = self._canonical(path, block, g)
             if any(self.fake_quant(c, w[:1].clone()) is None for c, w in self._weights_of(block, g, canon)):
                 continue   # a linear of the group is not quantized (kept float16): nothing to protect
-            a = self._act_mean(block, g, batches)
+            a, h = self._act_stats(block, g, batches)
             if g.fused:
                 res = self._search_experts(path, block, g, canon, a, batches)
             else:
@@ -251,12 +264,12 @@ class ScaleSearch:
                     extra = self.group_weight(path, block, g, batches) if self.group_weight is not None else None
                     if extra is not None:
                         weights = [w * e.to(torch.float32) for w, e in zip(weights, extra)]
-                res = self._search(block, g, canon, a, batches, ref, weights)
+                res = self._search(block, g, canon, a, h, batches, ref, weights)
             if res is None:
                 continue
-            s, r, loss, loss0 = res
-            changed = tuple(f"{path}.{n}" for n in fold(block, g, s))
-            out.append(Folded(g.name, canon, r, loss, loss0, changed))
+            s, r, loss, loss0, clip = res
+            changed = tuple(f"{path}.{n}" for n in fold(block, g, s)) if r > 0 else ()
+            out.append(Folded(g.name, canon, r, loss, loss0, changed, clip))
         return out
 
     # ---- pieces ------------------------------------------------------------------------------
@@ -296,7 +309,12 @@ class ScaleSearch:
     @staticmethod
     def _act_mean(block: nn.Module, g: ScaleGroup, batches: Sequence) -> torch.Tensor:
         """a_c = mean over real tokens of |x_c| at the group's input, float64 [C]."""
-        acc: dict[str, torch.Tensor | float] = {"sum": 0.0, "n": 0.0}
+        return ScaleSearch._act_stats(block, g, batches)[0]
+
+    @staticmethod
+    def _act_stats(block: nn.Module, g: ScaleGroup, batches: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_c = mean |x_c|, h_c = mean x_c^2) over real tokens at the group's input, float64 [C]."""
+        acc: dict[str, torch.Tensor | float] = {"sum": 0.0, "sq": 0.0, "n": 0.0}
         mask: dict[str, torch.Tensor | None] = {"m": None}
 
         def hook(mod: nn.Module, args: tuple) -> None:
@@ -308,6 +326,7 @@ class ScaleSearch:
             else:
                 xm, n = x.abs(), float(x[..., 0].numel())
             acc["sum"] = acc["sum"] + xm.reshape(-1, x.shape[-1]).sum(0)
+            acc["sq"] = acc["sq"] + (xm * x.abs()).reshape(-1, x.shape[-1]).sum(0)
             acc["n"] = acc["n"] + n
 
         h = block.get_submodule(g.input_module).register_forward_pre_hook(hook)
@@ -317,7 +336,7 @@ class ScaleSearch:
                 call_block(block, b.hidden, b.args, b.kwargs)
         finally:
             h.remove()
-        return acc["sum"] / max(acc["n"], 1.0)
+        return acc["sum"] / max(acc["n"], 1.0), acc["sq"] / max(acc["n"], 1.0)
 
     def _grid(self, a: torch.Tensor):
         """(i, r, s float32 [C]) for r = 0, 1/n, ..., (n-1)/n as AWQ: s = a^r / sqrt(max min)."""
@@ -327,8 +346,22 @@ class ScaleSearch:
             s = a.pow(r).clamp(min=1e-4)
             yield i, r, (s / (s.max() * s.min()).sqrt()).to(torch.float32)
 
-    def _search(self, block, g: ScaleGroup, canon, a, batches, ref, weights):
-        """Grid over r; returns (s float32 [C], r, loss, loss at r = 0) or None if r = 0 wins."""
+    def _quantizers(self):
+        """The candidate quantizers, plain RTN first (it wins ties): [(clip flag, quant(name, W, h))]."""
+        plain = (False if self.clip_quant is not None else None, lambda c, w, h: self.fake_quant(c, w))
+        return [plain] + ([(True, self.clip_quant)] if self.clip_quant is not None else [])
+
+    def _pick(self, best, loss0):
+        """(s, r, loss, loss at r = 0 plain, clip) of the best candidate; None if plain r = 0 wins
+        and no clip choice is to be reported."""
+        s, r, loss, clip = best
+        if r == 0.0 and not clip and self.clip_quant is None:
+            return None
+        return s, r, loss, loss0, clip
+
+    def _search(self, block, g: ScaleGroup, canon, a, h, batches, ref, weights):
+        """Grid over r (and the quantizers); returns :meth:`_pick`'s tuple or None.  ``h`` float64
+        [C]: mean x^2 at the group's input (the clip search's weights; x / s has h / s^2)."""
         mods = [block.get_submodule(n) for n in g.linears]
         orig = [m.weight.data.clone() for m in mods]                  # float32 [N_i, C]
         best = None
@@ -339,45 +372,46 @@ class ScaleSearch:
         try:
             for i, r, s in self._grid(a):
                 cur["s"] = s
-                for m, w0, c in zip(mods, orig, canon):
-                    q = self.fake_quant(c, w0 * s[None, :])
-                    m.weight.data = q if aq is not None else q / s[None, :]
-                loss = self._loss(block, batches, ref, weights)
-                if best is None or loss < best[2]:
-                    best = (s, r, loss)
-                if i == 0:
-                    loss0 = loss
+                hs = h / s.double().square()
+                for clip, quant in self._quantizers():
+                    for m, w0, c in zip(mods, orig, canon):
+                        q = quant(c, w0 * s[None, :], hs)
+                        m.weight.data = q if aq is not None else q / s[None, :]
+                    loss = self._loss(block, batches, ref, weights)
+                    if best is None or loss < best[2]:
+                        best = (s, r, loss, clip)
+                    if i == 0 and not clip:
+                        loss0 = loss
         finally:
-            for h in hooks:
-                h.remove()
+            for hk in hooks:
+                hk.remove()
             for m, w0 in zip(mods, orig):
                 m.weight.data = w0
-        if best is None or best[1] == 0.0:
-            return None
-        return best[0], best[1], best[2], loss0
+        return self._pick(best, loss0)
 
     def _search_experts(self, path: str, block, g: ScaleGroup, canon, a, batches):
-        """The MoE group's grid over :meth:`expert_objective`; returns (s, r, loss, loss at r = 0)
-        or None if r = 0 wins (or no expert has a routed token with positive weight)."""
+        """The MoE group's grid over :meth:`expert_objective` (and the quantizers); returns
+        :meth:`_pick`'s tuple, or None (also if no expert has a routed token with positive weight)."""
         loss_at = self.expert_objective(path, block, g, batches)
         if loss_at is None:
             return None
         best = None
         for i, r, s in self._grid(a):
-            loss = loss_at(s)
-            if best is None or loss < best[2]:
-                best = (s, r, loss)
-            if i == 0:
-                loss0 = loss
-        if best is None or best[1] == 0.0:
-            return None
-        return best[0], best[1], best[2], loss0
+            for clip, _ in self._quantizers():
+                loss = loss_at(s, bool(clip))
+                if best is None or loss < best[2]:
+                    best = (s, r, loss, clip)
+                if i == 0 and not clip:
+                    loss0 = loss
+        return self._pick(best, loss0)
 
     def expert_objective(self, path: str, block, g: ScaleGroup, batches):
-        """loss(s float32 [C]) = Σ_e S_e ||Y_e - Ŷ_e(s)||² / Σ_e S_e n_e over each expert's routed
+        """loss(s float32 [C], clip=False) = Σ_e S_e ||Y_e - Ŷ_e(s)||² / Σ_e S_e n_e over each expert's routed
         real tokens: Y_e its full-precision output [n_e, D], Ŷ_e with gate/up quantized at scale s
         (Q(W s) / s; with ``act_quant`` A(x / s) Q(W s)ᵀ), down full precision; S_e from
-        ``expert_weight`` (VEQ-ME's importance; 1 = plain AWQ).  None if Σ_e S_e n_e = 0."""
+        ``expert_weight`` (VEQ-ME's importance; 1 = plain AWQ); ``clip``: gate/up quantized by
+        ``clip_quant`` with h = mean x^2 / s^2 over the expert's routed tokens (what its Hessian
+        diagonal is when the exporter stores it).  None if Σ_e S_e n_e = 0."""
         x, idx, w, image = route_capture(block, batches, self.image_masks, g.input_module, g.router)
         (fused, parts), = g.fused
         experts = block.get_submodule(fused.rsplit(".", 1)[0])
@@ -396,12 +430,16 @@ class ScaleSearch:
             return (experts.act_fn(gate) * up) @ down[e].T               # [n_e, D]
 
         ref = {e: out(e, gu[e], x[rows[e]]) for e in range(n_exp) if len(rows[e]) and S[e] > 0}
+        h = {e: x[rows[e]].double().square().mean(0) for e in ref}          # [C] per expert
 
-        def loss_at(s: torch.Tensor) -> float:
+        def loss_at(s: torch.Tensor, clip: bool = False) -> float:
             num = 0.0
             for e, y0 in ref.items():
                 ws = (gu[e] * s[None, :]).chunk(len(parts))
-                q = torch.cat([self.fake_quant(f"{path}.{fused}.{e}.{p}", we) for p, we in zip(parts, ws)])
+                names = [f"{path}.{fused}.{e}.{p}" for p in parts]
+                hs = h[e] / s.double().square()
+                q = torch.cat([self.clip_quant(c, we, hs) if clip else self.fake_quant(c, we)
+                               for c, we in zip(names, ws)])
                 xe = x[rows[e]]
                 y = out(e, q, self.act_quant(xe / s)) if self.act_quant is not None else out(e, q / s[None, :], xe)
                 num += float(S[e]) * float((y - y0).double().square().sum())
@@ -455,5 +493,5 @@ def route_capture(block: nn.Module, batches: Sequence, image_masks: Sequence | N
             torch.cat(image)[real] if image_masks is not None else None)
 
 
-__all__ = ["LAYOUTS", "MOE_LAYOUTS", "Folded", "Layout", "Prev", "ScaleGroup", "ScaleSearch", "fold", "foldable",
+__all__ = ["LAYOUTS", "MOE_LAYOUTS", "ClipQuant", "Folded", "Layout", "Prev", "ScaleGroup", "ScaleSearch", "fold", "foldable",
            "layout_for", "route_capture"]

@@ -260,6 +260,15 @@ class _ExportQuantizer:
             return None
         return rtn(w.detach().to(torch.float32), tgt.qtype, tgt.group).deq
 
+    def clip_fake_quant(self, canonical: str, w: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor | None:
+        """awq.ClipQuant: what _store_matrix's "rtn+clip" would store for w with Hessian diagonal h_diag."""
+        m = self.by_canon.get(canonical)
+        if self.fake_quant(canonical, w[:1]) is None:
+            return None
+        tgt = self.targets[m.key]
+        return rtn(w.detach().to(torch.float32), tgt.qtype, tgt.group, clip_search=True,
+                   h_diag=h_diag.to(torch.float64), int_zero=self._int_zero(m)).deq
+
     def restore(self, canonical: str, t: torch.Tensor) -> torch.Tensor:
         m = self._mapped(canonical)
         if m.entry.kind is Kind.LINEAR:
@@ -271,6 +280,8 @@ class _ExportQuantizer:
         for f in folded:
             for c in f.linears:
                 self.awq[c] = {"group": f.group, "ratio": f.ratio, "loss_ratio": f.loss / max(f.loss_plain, 1e-30)}
+                if f.clip is not None:   # the scale search scored the clip search too (awq.ClipQuant)
+                    self.awq[c]["clip"] = f.clip
 
     # -- storage --------------------------------------------------------------------------------------
     def _mapped(self, canonical: str) -> Mapped:
@@ -327,6 +338,8 @@ class _ExportQuantizer:
             return self.preset[m.key][0]
         if m.entry.kind is Kind.EMBED or H is None or self.cfg.method in (Method.RTN, Method.AWQ) \
                 or self.cfg.method is Method.VEQ_ME or (self.cfg.method is Method.QIG and not self.cfg.qig_hessian):
+            if self.awq.get(m.canonical, {}).get("clip") is False:   # plain RTN scored better (awq.py)
+                return "rtn"
             return "rtn+clip" if self.cfg.effective_clip_search and m.entry.kind is Kind.LINEAR else "rtn"
         return "gptq+clip" if self.cfg.effective_clip_search else "gptq"
 
@@ -486,6 +499,9 @@ def run_export(src, out, cfg: ExportConfig, *, keep_fake_quant: bool = False, lo
             from .qig import make_search
 
             search = make_search(cfg, q.fake_quant)
+        if search is not None and cfg.effective_clip_search and (cfg.method in (Method.RTN, Method.AWQ, Method.VEQ_ME)
+                                                                  or (cfg.method is Method.QIG and not cfg.qig_hessian)):
+            search.clip_quant = q.clip_fake_quant   # the scaled linears are stored by "rtn+clip": score it too
         cal = Calibrator(lm, q, cfg.batch_size, progress=cfg.progress, sequential=cfg.true_sequential,
                          scale_search=search)
         from . import veq   # VEQ-MA expert-Hessian / VEQ-ME expert-importance hooks (no-ops otherwise)
