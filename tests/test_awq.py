@@ -204,7 +204,7 @@ def test_moe_search_scores_the_quantizer_that_stores_the_experts(tmp_path):
     ss = ScaleSearch(_fq, clip_quant=clip_q)
     unscaled = copy.deepcopy(blk)   # run() folds the exact qkv scales first: the MoE input is unchanged
     obj = ss.expert_objective("blk", unscaled, grp, batches)
-    grid = {r: s for _, r, s in ss._grid(ss._act_mean(unscaled, grp, batches))}
+    grid = {r: s for _, r, s in ss._grid(ss._act_stats(unscaled, grp, batches)[0])}
     folded = {f.group: f for f in ss.run("blk", blk, batches)}
     assert {"qkv", "experts"} <= set(folded) and all(f.clip is not None for f in folded.values())
     f = folded["experts"]

@@ -118,7 +118,7 @@ def test_veq_me_weighted_expert_error_is_at_most_awq_uniform(moe):
     me = VeqME(text_weight=10.0, n_experts=8)
     ss_me, ss_u = ScaleSearch(_fq, expert_weight=me), ScaleSearch(_fq)
     ss_me.image_masks = ss_u.image_masks = images
-    a = ss_u._act_mean(blk, g, batches)
+    a = ss_u._act_stats(blk, g, batches)[0]
     obj_me = ss_me.expert_objective("blk", blk, g, batches)
     obj_u = ss_u.expert_objective("blk", blk, g, batches)
     grid = [(r, s) for _, r, s in ss_u._grid(a)]

@@ -307,11 +307,6 @@ class ScaleSearch:
         return w
 
     @staticmethod
-    def _act_mean(block: nn.Module, g: ScaleGroup, batches: Sequence) -> torch.Tensor:
-        """a_c = mean over real tokens of |x_c| at the group's input, float64 [C]."""
-        return ScaleSearch._act_stats(block, g, batches)[0]
-
-    @staticmethod
     def _act_stats(block: nn.Module, g: ScaleGroup, batches: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_c = mean |x_c|, h_c = mean x_c^2) over real tokens at the group's input, float64 [C]."""
         acc: dict[str, torch.Tensor | float] = {"sum": 0.0, "sq": 0.0, "n": 0.0}

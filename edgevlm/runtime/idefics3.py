@@ -32,7 +32,7 @@ import numpy as np
 
 from .dual import _Block
 from .idefics3_preprocess import Idefics3ImagePreprocessor, Idefics3Images
-from .layers import ENCODER_ROWS, Linear, encoder_layer_, get_activation, layer_norm_fast, to_f32, vector
+from .layers import ENCODER_ROWS, Linear, encoder_layer_, get_activation, layer_norm_fast, raw_tensor, to_f32, vector
 from .vlm_base import Prepared
 
 __all__ = ["Idefics3Vision", "bucket_position_ids", "image_prompt_string", "pixel_shuffle", "torch_arange_f32"]
@@ -113,12 +113,10 @@ def bucket_position_ids(patch_mask: np.ndarray, side: int) -> np.ndarray:
 
 def _raw(f: Any, key: str) -> tuple[np.ndarray, str]:
     """(the file's view of raw float tensor ``key``, its qtype) for :func:`.layers.to_f32` at use."""
-    rec = f.records.get(key)
-    if rec is None:
-        raise ValueError(f"{getattr(f, 'path', 'file')}: missing tensor {key!r}")
-    if rec.quantized:
-        raise ValueError(f"{key}: expected a raw float tensor (f32/f16/bf16), found qtype {rec.qtype}")
-    return f[key], rec.qtype
+    view, qtype = raw_tensor(f, key)
+    if qtype not in ("f32", "f16", "bf16"):   # checked at load, not at the first encode
+        raise ValueError(f"{key}: expected a raw float tensor (f32/f16/bf16), found qtype {qtype}")
+    return view, qtype
 
 
 def pixel_shuffle(x: np.ndarray, scale: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from .linear import QuantLinear, _core
 
 __all__ = ["ACTIVATIONS", "ENCODER_ROWS", "Embedding", "Linear", "activate_", "attention", "attention_fast",
            "encoder_layer_", "erf", "gelu",
-           "gelu_tanh", "get_activation", "layer_norm", "layer_norm_fast", "quick_gelu", "rms_norm", "sigmoid",
+           "gelu_tanh", "get_activation", "layer_norm", "layer_norm_fast", "quick_gelu", "raw_tensor", "rms_norm", "sigmoid",
            "silu", "silu_", "softmax", "to_f32", "vector"]
 
 F32 = np.float32
@@ -340,12 +340,17 @@ def to_f32(a: np.ndarray, qtype: str) -> np.ndarray:
     return np.array(a, dtype=F32)
 
 
-def vector(f: Any, key: str) -> np.ndarray:
-    """A raw f32/f16/bf16 tensor of an EvlmFile as a float32 array (copied out of the mmap)."""
+def raw_tensor(f: Any, key: str) -> tuple[np.ndarray, str]:
+    """(the file's view of tensor ``key``, its qtype): no copy; :func:`to_f32` casts raw ones."""
     rec = f.records.get(key)
     if rec is None:
         raise ValueError(f"{getattr(f, 'path', 'file')}: missing tensor {key!r}")
-    return to_f32(f[key], rec.qtype)
+    return f[key], rec.qtype
+
+
+def vector(f: Any, key: str) -> np.ndarray:
+    """A raw f32/f16/bf16 tensor of an EvlmFile as a float32 array (copied out of the mmap)."""
+    return to_f32(*raw_tensor(f, key))
 
 
 class Linear:
